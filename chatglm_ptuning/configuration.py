@@ -1,0 +1,167 @@
+"""One configuration class for every ChatGLM generation, reading the official config.json as is.
+
+Official ChatGLM-6B and ChatGLM2-6B/ChatGLM3-6B folders both say `model_type: "chatglm"` and
+`architectures: ["ChatGLMModel"]`; only their field names tell the architectures apart
+(ChatGLM-6B: `inner_hidden_size`, `position_encoding_2d`; ChatGLM2/3: `ffn_hidden_size`,
+`padded_vocab_size`, `multi_query_attention`). `ChatGLMConfig(**fields)` therefore returns an
+instance of the family's subclass, which holds that family's defaults; the Auto classes map
+each subclass to its model class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# Fields only one family writes; a config.json holding any of them belongs to that family.
+_GLM1_ONLY_FIELDS = frozenset({"inner_hidden_size", "position_encoding_2d", "max_sequence_length", "gmask_token_id"})
+_GLM2_ONLY_FIELDS = frozenset(
+    {"padded_vocab_size", "ffn_hidden_size", "kv_channels", "multi_query_attention", "multi_query_group_num", "seq_length"}
+)
+
+ARCH_GLM1 = "chatglm"  # ChatGLM-6B: GLM blocks, 2D positions
+ARCH_GLM2 = "chatglm2"  # ChatGLM2-6B and ChatGLM3-6B: RoPE, multi-query attention, RMSNorm
+
+
+def detect_architecture(fields: dict[str, Any]) -> str:
+    """Return ARCH_GLM1 or ARCH_GLM2 for the fields of a config.json (ChatGLM2 when nothing says)."""
+    explicit = fields.get("chatglm_architecture")
+    if explicit in (ARCH_GLM1, ARCH_GLM2):
+        return explicit
+    if explicit is not None:
+        raise ValueError(f"chatglm_architecture must be {ARCH_GLM1!r} or {ARCH_GLM2!r}, found {explicit!r}")
+    glm1 = _GLM1_ONLY_FIELDS & fields.keys()
+    glm2 = _GLM2_ONLY_FIELDS & fields.keys()
+    if glm1 and glm2:
+        raise ValueError(
+            f"config mixes ChatGLM-6B fields {sorted(glm1)} with ChatGLM2/3 fields {sorted(glm2)}; "
+            "it cannot be both architectures"
+        )
+    return ARCH_GLM1 if glm1 else ARCH_GLM2
+
+
+class ChatGLMConfig(PreTrainedConfig):
+    """Configuration of a ChatGLM model of any generation, plus its soft-prompt settings.
+
+    Instantiating this class returns a `ChatGLM6BConfig` or a `ChatGLM2Config` chosen from the
+    fields given (see `detect_architecture`). Fields shared by both families live here.
+    """
+
+    model_type = "chatglm"
+    attribute_map = {"num_hidden_layers": "num_layers"}
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    num_layers: int = 28  # transformer blocks
+    hidden_size: int = 4096
+    num_attention_heads: int = 32
+    layernorm_epsilon: float = 1e-5
+    use_cache: bool = True
+    quantization_bit: int = 0  # 0 = dense; 4 or 8 = weight-only quantized linears (official packed layout)
+    pre_seq_len: int | None = None  # P-tuning v2 prefix length; None = no prefix
+    prefix_projection: bool = False  # MLP reparameterisation of the prefix (official flag name)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ChatGLMConfig":
+        if cls is ChatGLMConfig:
+            cls = ChatGLM6BConfig if detect_architecture(kwargs) == ARCH_GLM1 else ChatGLM2Config
+        return super().__new__(cls)
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        kwargs.pop("chatglm_architecture", None)  # derived from the class, never stored twice
+        super().__post_init__(**kwargs)
+        if self.quantization_bit not in (0, 4, 8):
+            raise ValueError(f"quantization_bit must be 0, 4 or 8, found {self.quantization_bit!r}")
+        if self.pre_seq_len is not None and (not isinstance(self.pre_seq_len, int) or self.pre_seq_len <= 0):
+            raise ValueError(f"pre_seq_len must be a positive integer or None, found {self.pre_seq_len!r}")
+
+    @property
+    def architecture(self) -> str:
+        """ARCH_GLM1 or ARCH_GLM2."""
+        raise NotImplementedError
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads per layer: what the P-tuning v2 prefix produces for each layer."""
+        raise NotImplementedError
+
+    @property
+    def head_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def prefix_kv_size(self) -> int:
+        """Width of one prefix position: keys and values of every layer, flattened (L*2*N*D)."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+
+class ChatGLM6BConfig(ChatGLMConfig):
+    """ChatGLM-6B (first generation). Defaults are the official class defaults (150528 vocabulary)."""
+
+    vocab_size: int = 150528
+    inner_hidden_size: int = 16384  # MLP width
+    max_sequence_length: int = 2048
+    position_encoding_2d: bool = True
+    bos_token_id: int | None = 150004  # <sop>
+    eos_token_id: int | list[int] | None = 150005  # <eop>
+    mask_token_id: int = 150000  # [MASK]
+    gmask_token_id: int = 150001  # [gMASK]
+    pad_token_id: int | None = 0
+    quantization_embeddings: bool = False
+    tie_word_embeddings: bool = True  # official loader ties lm_head to word_embeddings
+
+    @property
+    def architecture(self) -> str:
+        return ARCH_GLM1
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class ChatGLM2Config(ChatGLMConfig):
+    """ChatGLM2-6B and ChatGLM3-6B (same architecture). Defaults are the official class defaults."""
+
+    padded_vocab_size: int = 65024  # embedding/output rows; also exposed as vocab_size
+    vocab_size: int | None = None
+    ffn_hidden_size: int = 13696  # SwiGLU width (dense_h_to_4h is twice this)
+    kv_channels: int = 128  # head dim
+    seq_length: int = 2048
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    classifier_dropout: float | None = None
+    rmsnorm: bool = True
+    apply_residual_connection_post_layernorm: bool = False
+    post_layer_norm: bool = True
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    bias_dropout_fusion: bool = True  # stored, unused
+    multi_query_attention: bool = False
+    multi_query_group_num: int = 1
+    apply_query_key_layer_scaling: bool = True  # stored; SDPA attention has no layer coefficient
+    attention_softmax_in_fp32: bool = True
+    fp32_residual_connection: bool = False
+    original_rope: bool = True  # stored, unused by the math
+    rope_ratio: float = 1.0  # RoPE base multiplier used by long-context GLM checkpoints
+    tie_word_embeddings: bool = False
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = 0
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.vocab_size = self.padded_vocab_size
+
+    @property
+    def architecture(self) -> str:
+        return ARCH_GLM2
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels

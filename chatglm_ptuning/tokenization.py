@@ -1,0 +1,6 @@
+"""ChatGLM tokenizers. (placeholder: being written)"""
+from transformers import PreTrainedTokenizer
+
+
+class ChatGLMTokenizer(PreTrainedTokenizer):
+    pass
