@@ -14,9 +14,7 @@ from transformers.cache_utils import Cache
 
 from .chat import ChatMixin
 from .configuration import ChatGLMConfig
-from .prompt_learning import PREFIX_DROPOUT, PrefixEncoder, PrefixKeyValues, prefix_key_values
-
-PREFIX_PARAMETER_PREFIX = "transformer.prefix_encoder."  # official key prefix of prefix-only checkpoints
+from .prompt_learning import PREFIX_DROPOUT, PREFIX_KEY_PREFIX, PrefixEncoder, PrefixKeyValues, prefix_key_values
 
 # Attribute under which the computed prefix rides on a generation cache: the prefix is computed
 # once per generate() call instead of once per decoding step.
@@ -87,7 +85,7 @@ class PrefixTuningMixin:
 def freeze_backbone_for_prefix(model: nn.Module) -> None:
     """With a prefix, train only `transformer.prefix_encoder.*` (the original freezes the rest)."""
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(PREFIX_PARAMETER_PREFIX))
+        param.requires_grad_(name.startswith(PREFIX_KEY_PREFIX))
 
 
 class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
@@ -101,4 +99,4 @@ class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
 
     def prefix_state_dict(self) -> dict[str, torch.Tensor]:
         """The prefix encoder's tensors under their official names (empty without a prefix)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(PREFIX_PARAMETER_PREFIX)}
+        return {k: v for k, v in self.state_dict().items() if k.startswith(PREFIX_KEY_PREFIX)}

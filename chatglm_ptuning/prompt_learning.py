@@ -14,6 +14,7 @@ from torch import nn
 from .configuration import ARCH_GLM1, ChatGLMConfig
 
 PREFIX_DROPOUT = 0.1  # the official prefix dropout; active in training only
+PREFIX_KEY_PREFIX = "transformer.prefix_encoder."  # official state-dict prefix of the prefix encoder
 
 
 class PrefixEncoder(nn.Module):
