@@ -164,6 +164,8 @@ def load_model(
         model = _model_class(config)(config)
         if bits:
             quantize(model, bits, empty_init=True)
+    if config.pre_seq_len:
+        model.transformer.prefix_encoder.float()  # the prefix stays fp32 whatever the backbone dtype
     filled = _stream_weights(model, folder, bits)
 
     missing = [k for k in model.state_dict() if k not in filled and not k.startswith(PREFIX_KEY_PREFIX)]

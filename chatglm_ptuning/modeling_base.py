@@ -32,8 +32,10 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, PrefixEncoder):
-            module.reset_parameters()  # runs after its children: PyTorch defaults, as the original
+        if getattr(module, "is_prompt_encoder_layer", False):
+            # PyTorch's defaults, as the original (transformers guards the init functions here,
+            # so tensors already loaded from a checkpoint are left alone).
+            module.reset_parameters()
             return
         super()._init_weights(module)
 
@@ -96,6 +98,16 @@ class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
         self.post_init()
         if self.config.pre_seq_len:
             freeze_backbone_for_prefix(self)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, then the prefix freeze again: loading replaces every
+        Parameter with a new, trainable one."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        if model.config.pre_seq_len:
+            freeze_backbone_for_prefix(model)
+        return loaded
 
     def prefix_state_dict(self) -> dict[str, torch.Tensor]:
         """The prefix encoder's tensors under their official names (empty without a prefix)."""

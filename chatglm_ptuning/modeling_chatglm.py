@@ -1,7 +1,558 @@
-"""ChatGLM-6B. (placeholder: being written)"""
+"""ChatGLM-6B (first generation): GLM blocks with 2D rotary positions.
+
+Module names and numerics follow the official `modeling_chatglm.py` of THUDM/chatglm-6b, so the
+official checkpoints load unchanged and fp32 logits agree with the original code. Tensors are
+batch-first here ([b, s, H]; attention [b, N, s, D]); the original is sequence-first.
+
+Deliberate differences from the original, each for a reason:
+- Left-padded batches: given a 2D padding mask (what `generate` builds), positions restart at each
+  row's first real token and pad columns are blocked, so a row generates the same tokens alone or
+  in a batch. The original derives positions from the padded row and lets tokens attend to pads.
+- The KV cache is a transformers `Cache` ([b, N, seq, D], keys stored after rotation). The P-tuning
+  prefix is concatenated inside attention instead of riding in the cache, so it survives gradient
+  checkpointing (transformers drops caches there).
+- bf16: rotary tables are computed in fp32 and cast. The original computes them in the dtype of its
+  inv_freq buffer, which in bf16 rounds every position above 256.
+- position_encoding_2d=False: positions follow the original's evident intent (tokens from <sop> on
+  take the [MASK] position, only when [MASK] rather than [gMASK] is used); its code indexes the
+  batch dimension there by mistake.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
 from .configuration import ChatGLM6BConfig
-from .modeling_base import ChatGLMLMBase
+from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
+
+MASK_FILL = -10000.0  # the original fills blocked scores with this (not -inf) before the layer coefficient
+# Residual scale sqrt(2L) with L = 28: the original never passes num_layers to its blocks, whose default
+# is 28, so every config (tiny test ones included) uses sqrt(56).
+RESIDUAL_ALPHA = (2 * 28) ** 0.5
 
 
-class ChatGLMForConditionalGeneration(ChatGLMLMBase):
+# --------------------------------------------------------------------------------------------------
+# Positions and masks (the GLM "2D" scheme)
+
+
+def _first_index(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Index of the first `token_id` in each row of [b, s] ids; s where the row has none. Returns [b]."""
+    found = input_ids == token_id
+    first = found.int().argmax(dim=-1)  # argmax returns the first maximal index
+    return torch.where(found.any(dim=-1), first, input_ids.shape[-1])
+
+
+def glm_position_ids(
+    input_ids: torch.Tensor,
+    config: ChatGLM6BConfig,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Positions the model derives from token ids: [b, 2, s] (2D encoding) or [b, s].
+
+    Per row, let r be a token's index among the row's real tokens (padding_mask 1; every token
+    without a mask) and m the r of the first [gMASK], else of the first [MASK]. The context is
+    everything before the first <sop> (bos), the whole row when there is none.
+    - 2D: row 0 is r for the context and m from <sop> on (r when the row has no mask token);
+      row 1 (block positions) is 0 for the context, then 1, 2, 3, ... from <sop> on.
+    - 1D: r, except that tokens from <sop> on take m when the row uses [MASK] and no [gMASK].
+    Pads get 0 in every row, as the tokenizer's left padding does.
+    """
+    seq = input_ids.shape[-1]
+    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
+    if real.shape != input_ids.shape:
+        raise ValueError(f"padding mask shape {tuple(real.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    rank = real.long().cumsum(dim=-1) - 1  # [b, s] index among real tokens (-1 on leading pads)
+    sop = _first_index(input_ids, config.bos_token_id)  # [b]
+    from_sop = torch.arange(seq, device=input_ids.device)[None, :] >= sop[:, None]  # [b, s]
+    gmask = _first_index(input_ids, config.gmask_token_id)
+    uses_gmask = gmask < seq
+    mask_at = torch.where(uses_gmask, gmask, _first_index(input_ids, config.mask_token_id))
+    has_mask = mask_at < seq
+
+    def rank_at(index: torch.Tensor) -> torch.Tensor:  # [b] -> [b, 1]
+        return rank.gather(1, index.clamp(max=seq - 1)[:, None])
+
+    if config.position_encoding_2d:
+        positions = torch.where(from_sop & has_mask[:, None], rank_at(mask_at), rank)
+        block_positions = torch.where(from_sop, rank - rank_at(sop) + 1, 0)
+        positions = torch.stack((positions, block_positions), dim=1)  # [b, 2, s]
+        return positions.masked_fill(~real[:, None, :], 0)
+    uses_mask = has_mask & ~uses_gmask
+    positions = torch.where(from_sop & uses_mask[:, None], rank_at(mask_at), rank)
+    return positions.masked_fill(~real, 0)
+
+
+def glm_attention_mask(
+    input_ids: torch.Tensor,
+    bos_token_id: int,
+    padding_mask: torch.Tensor | None = None,
+    past_length: int = 0,
+) -> torch.Tensor:
+    """Block mask for the tokens of `input_ids` [b, s] after `past_length` cached ones.
+
+    Returns bool [b, 1, s, past_length + s], True = blocked. Query i may see key k when k is a real
+    token (padding_mask [b, past_length + s], 1 = keep) and either k <= i or k lies before the row's
+    first <sop>: the context is bidirectional, what follows is causal. Without a <sop> the whole
+    first forward is context; a forward that continues a cache without one is a decoding step and
+    is purely causal.
+    """
+    batch, seq = input_ids.shape
+    total = past_length + seq
+    device = input_ids.device
+    sop = _first_index(input_ids, bos_token_id)
+    if past_length:
+        sop = torch.where(sop < seq, sop + past_length, 0)
+    keys = torch.arange(total, device=device)
+    queries = torch.arange(past_length, total, device=device)
+    visible = (keys[None, None, :] <= queries[None, :, None]) | (keys[None, None, :] < sop[:, None, None])
+    if padding_mask is not None:
+        if padding_mask.shape != (batch, total):
+            raise ValueError(
+                f"2D attention_mask must cover cached and new tokens: expected shape {(batch, total)}, "
+                f"found {tuple(padding_mask.shape)}"
+            )
+        visible = visible & padding_mask.bool()[:, None, :]
+    return ~visible[:, None]
+
+
+def padding_mask_from_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
+    """[b, s] keep-mask (1 real, 0 pad) from a left-padded tokenizer mask [b, 1, s, s] (True = blocked).
+
+    The last row belongs to a real token that sees every real token (context columns are open to all
+    rows, the rest are causal up to it), so its open columns are exactly the real tokens.
+    """
+    return (~block_mask.bool()[:, 0, -1, :]).long()
+
+
+def next_position_ids(position_ids: torch.Tensor, num_new_tokens: int = 1) -> torch.Tensor:
+    """Append positions for `num_new_tokens` generated tokens to [b, 2, s] or [b, s] positions.
+
+    2D: row 0 repeats its last value (every generated token sits at the mask position), block
+    positions count on. 1D: a row whose last position repeats an earlier one uses [MASK] and keeps
+    repeating it; otherwise positions count on. Both match what `glm_position_ids` derives for the
+    longer sequence.
+    """
+    steps = torch.arange(1, num_new_tokens + 1, dtype=position_ids.dtype, device=position_ids.device)
+    last = position_ids[..., -1:]
+    if position_ids.dim() == 3:
+        new = torch.cat((last[:, :1].expand(-1, -1, num_new_tokens), last[:, 1:] + steps), dim=1)
+    elif position_ids.shape[-1] > 1:
+        counting = last > position_ids[..., :-1].amax(dim=-1, keepdim=True)  # [b, 1]
+        new = last + steps * counting
+    else:
+        new = last + steps
+    return torch.cat((position_ids, new), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary embedding
+
+
+def glm_inv_freq(dim: int) -> torch.Tensor:
+    """Inverse frequencies 10000^(-2j/dim), j < dim/2, rounded to fp16 as the original stores them (fp32 tensor)."""
+    return (1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))).half().float()
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of position * inv_freq for rotate-half rotary of width `dim`.
+
+    `inv_freq` is a non-persistent buffer: the checkpoint's copy is ignored, as the original ignores it.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("inv_freq", glm_inv_freq(dim), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [b, s] -> (cos, sin), each [b, 1, s, dim] in `dtype`.
+
+        fp16 computes in fp16 like the original's half-precision tables; every other dtype computes in
+        fp32 (identical to the original in fp32).
+        """
+        compute = torch.float16 if dtype == torch.float16 else torch.float32
+        freqs = position_ids.to(compute)[..., None] * self.inv_freq.to(compute)  # [b, s, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, s, dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        # Model casts (`.half()`, `.to(torch.bfloat16)`) must not round the frequencies again (bf16
+        # would): keep the fp16-exact values in fp32 and follow only device moves.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = glm_inv_freq(self.dim).to(self.inv_freq.device)
+        return self
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention, MLP, block
+
+
+class SelfAttention(nn.Module):
+    """GLM attention: per-head interleaved qkv, 2D rotary, layer-scaled fp32 softmax."""
+
+    def __init__(self, config: ChatGLM6BConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.hidden_size = config.hidden_size
+        self.position_encoding_2d = config.position_encoding_2d
+        # 2D: each half of a head is rotated by one position row
+        self.rotary_emb = RotaryEmbedding(self.head_dim // 2 if self.position_encoding_2d else self.head_dim)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _rotary_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) per position row: two for [b, 2, s] (2D), one for [b, s]."""
+        rows = (position_ids[:, 0], position_ids[:, 1]) if self.position_encoding_2d else (position_ids,)
+        return [self.rotary_emb(row, dtype) for row in rows]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """x [b, N, s, D]: its i-th slice of D/len(tables) dims is rotated by the i-th position row."""
+        parts = x.chunk(len(tables), dim=-1)
+        return torch.cat([apply_rotary(part, cos, sin) for part, (cos, sin) in zip(parts, tables)], dim=-1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix_key: torch.Tensor | None = None,
+        prefix_value: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [b, s, H]; attention_mask bool [b, 1, s, P + past + s] (True = blocked);
+        prefix_key/value [b, N, P, D] (read-only, never rotated, never cached). Returns [b, s, H]."""
+        batch, seq, _ = hidden_states.shape
+        qkv = self.query_key_value(hidden_states).view(batch, seq, self.num_heads, 3 * self.head_dim)
+        query, key, value = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [b, N, s, D]
+        tables = self._rotary_tables(position_ids, query.dtype)
+        query, key = self._rotate(query, tables), self._rotate(key, tables)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        if prefix_key is not None:
+            key = torch.cat((prefix_key, key), dim=2)
+            value = torch.cat((prefix_value, value), dim=2)
+
+        # The original's order: shrink q by the layer coefficient in the activation dtype (keeps fp16
+        # in range), fill blocked scores, then undo the coefficient in fp32 for the softmax.
+        coeff = float(self.layer_idx + 1)
+        scores = torch.matmul(query / (math.sqrt(self.head_dim) * coeff), key.transpose(-1, -2))  # [b, N, s, k]
+        scores = scores.masked_fill(attention_mask, MASK_FILL)
+        probs = torch.softmax(scores.float() * coeff, dim=-1).to(value.dtype)
+        context = torch.matmul(probs, value)  # [b, N, s, D]
+        return self.dense(context.transpose(1, 2).reshape(batch, seq, self.hidden_size))
+
+
+class MLP(nn.Module):
+    """dense_h_to_4h -> tanh-approximated GELU -> dense_4h_to_h."""
+
+    def __init__(self, config: ChatGLM6BConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # The original's tanh GELU. torch's kernel computes fp16 in fp32 internally, as the original's
+        # jit-fused kernel does on GPU (unfused, as on CPU, the original rounds every step to fp16).
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    """x -> a = LN1(x); x = alpha*a + Attn(a); m = LN2(x); x = alpha*m + MLP(m), alpha = RESIDUAL_ALPHA.
+
+    The residual is the *normalized* input scaled by alpha (GLM's DeepNorm-style residual).
+    """
+
+    def __init__(self, config: ChatGLM6BConfig, layer_idx: int):
+        super().__init__()
+        self.alpha = RESIDUAL_ALPHA
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix_key: torch.Tensor | None = None,
+        prefix_value: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """The prefix comes as positional tensors so reentrant checkpointing also sends gradients to it."""
+        attention_input = self.input_layernorm(hidden_states)
+        attention_output = self.attention(
+            attention_input, position_ids, attention_mask, prefix_key, prefix_value, cache=cache
+        )
+        hidden_states = attention_input * self.alpha + attention_output
+        mlp_input = self.post_attention_layernorm(hidden_states)
+        return mlp_input * self.alpha + self.mlp(mlp_input)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+class ChatGLM6BPreTrainedModel(ChatGLMPreTrainedModel):
+    """ChatGLM-6B weight handling shared by the inner model and the LM."""
+
     config_class = ChatGLM6BConfig
+    _no_split_modules = ["GLMBlock"]
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq$"]  # stored by official files, recomputed here
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):  # non-persistent: refilled after meta-device loading
+            init.copy_(module.inv_freq, glm_inv_freq(module.dim))
+
+
+class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
+    """The ChatGLM-6B transformer: embeddings, GLM blocks, final LayerNorm (official key names)."""
+
+    _input_embed_layer = "word_embeddings"
+
+    def __init__(self, config: ChatGLM6BConfig):
+        super().__init__(config)
+        self.num_layers = config.num_layers
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.gradient_checkpointing = False
+        self._init_prefix(config)
+        self.post_init()
+
+    def _positions_and_mask(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_length: int,
+        batch: int,
+        seq: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resolve the caller's mask/positions (or derive them from input_ids) for s new tokens.
+
+        attention_mask: None, a 2D keep-mask [b, past + s] (1 real, 0 pad) or the original's 4D
+        block mask [b, 1, s, past + s] (True or nonzero = blocked). Returns (positions [b, 2, s] or
+        [b, s], bool block mask [b, 1, s, past + s]).
+        """
+        padding_mask = block_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() == 4:
+                block_mask = attention_mask.bool()
+                if block_mask.shape[-1] != past_length + seq:
+                    raise ValueError(
+                        f"4D attention_mask must have {past_length + seq} key columns (cached + new tokens), "
+                        f"found {block_mask.shape[-1]}"
+                    )
+            elif attention_mask.dim() == 2:
+                padding_mask = attention_mask
+            else:
+                raise ValueError(
+                    "attention_mask must be 2D [batch, keys] (1 = token, 0 = pad) or 4D [batch, 1, queries, keys] "
+                    f"(True = blocked), found shape {tuple(attention_mask.shape)}"
+                )
+        if (position_ids is None or block_mask is None) and input_ids is None:
+            raise ValueError(
+                "without input_ids the GLM positions and mask cannot be derived: pass position_ids and a 4D attention_mask"
+            )
+        if position_ids is None:
+            if past_length:
+                raise ValueError(
+                    "position_ids are required when continuing from a cache (extend them with next_position_ids)"
+                )
+            position_ids = glm_position_ids(
+                input_ids, self.config, None if padding_mask is None else padding_mask[:, -seq:]
+            )
+        expected = (batch, 2, seq) if self.config.position_encoding_2d else (batch, seq)
+        if tuple(position_ids.shape) != expected:
+            raise ValueError(f"position_ids must have shape {expected} (batch, [2,] new tokens), found {tuple(position_ids.shape)}")
+        if block_mask is None:
+            block_mask = glm_attention_mask(input_ids, self.config.bos_token_id, padding_mask, past_length)
+        return position_ids, block_mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """input_ids [b, s] -> last_hidden_state [b, s, H] (and the cache when use_cache)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False  # the blocks drop caches under checkpointing anyway
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        position_ids, block_mask = self._positions_and_mask(
+            input_ids, position_ids, attention_mask, past_length, batch, seq
+        )
+        prefix = self.get_prefix(batch, inputs_embeds.dtype, cache)
+        if prefix is not None:
+            block_mask = F.pad(block_mask, (self.pre_seq_len, 0), value=False)  # prefix columns always open
+
+        hidden_states = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            prefix_key, prefix_value = (None, None) if prefix is None else prefix[i]
+            hidden_states = layer(hidden_states, position_ids, block_mask, prefix_key, prefix_value, cache=cache)
+        hidden_states = self.final_layernorm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class ChatGLMForConditionalGeneration(ChatGLMLMBase, ChatGLM6BPreTrainedModel):
+    """ChatGLM-6B language model: `transformer` + `lm_head` tied to the word embeddings.
+
+    The official loader ties lm_head to `transformer.word_embeddings` after loading, so the stored
+    `lm_head.weight` is discarded; this class does the same (and lists the shared weight once).
+    """
+
+    config_class = ChatGLM6BConfig
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    # The loss is the original's per-batch mean; the Trainer must divide it for gradient accumulation
+    # (it would not if it believed forward consumed `num_items_in_batch`).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: ChatGLM6BConfig):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._finish_init()
+
+    def tie_weights(self, missing_keys: set[str] | None = None, recompute_mapping: bool = True) -> None:
+        # While loading, count the stored lm_head.weight as absent: the official loader overwrites it by
+        # tying, whereas transformers would keep both (untied, with a warning) when the stored tensors differ.
+        if missing_keys is not None and "lm_head.weight" in self.all_tied_weights_keys:
+            missing_keys.add("lm_head.weight")
+        super().tie_weights(missing_keys=missing_keys, recompute_mapping=recompute_mapping)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """input_ids [b, s] -> logits [b, s, V] (the last `logits_to_keep` positions when > 0).
+
+        labels [b, s]: the loss is the original's (logits in fp32, shifted by one, mean cross entropy
+        over labels != -100, cast to the activation dtype). `past_key_values=` is accepted for `cache=`.
+        """
+        legacy = kwargs.pop("past_key_values", None)
+        if cache is None:
+            cache = legacy
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(
+                f"cache must be a transformers Cache (e.g. DynamicCache), found {type(cache).__name__}; "
+                "legacy tuples of per-layer (key, value) are not supported"
+            )
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise ValueError(f"{flag}=True is not supported by ChatGLM-6B")
+        outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            shift_logits = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100).to(hidden_states.dtype)
+
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    # ---- generation: GLM positions in place of transformers' 1D ones ------------------------------
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' generate; a 4D tokenizer mask is reduced to its padding mask (the block
+        structure is derived again from the ids, exactly as the tokenizer built it)."""
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            kwargs["attention_mask"] = padding_mask_from_block_mask(mask)
+        return super().generate(*args, **kwargs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        if input_ids is None or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError("ChatGLM-6B generation needs input_ids (or explicit position_ids) to place its 2D positions")
+        mask = model_kwargs.get("attention_mask")
+        return glm_position_ids(input_ids, self.config, mask if mask is not None and mask.dim() == 2 else None)
+
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: Any,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict[str, Any]:
+        position_ids = model_kwargs.pop("position_ids", None)  # the base class would add +1 to both rows
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if position_ids is not None:
+            model_kwargs["position_ids"] = next_position_ids(position_ids, num_new_tokens)
+        return model_kwargs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.LongTensor, dict[str, Any]]:
+        # The base class expands 3D positions along dim 1 (multimodal [3, b, s]); ours are [b, 2, s].
+        position_ids = model_kwargs.pop("position_ids", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if position_ids is not None:
+            model_kwargs["position_ids"] = position_ids.repeat_interleave(expand_size, dim=0)
+        return input_ids, model_kwargs

@@ -35,6 +35,9 @@ class PrefixEncoder(nn.Module):
             self.trans = nn.Sequential(nn.Linear(embedding_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, kv_size))
         else:
             self.embedding = nn.Embedding(pre_seq_len, kv_size)
+        for module in self.modules():
+            # Marks the layers the model's weight init must give PyTorch's defaults (as the original).
+            module.is_prompt_encoder_layer = module is not self
 
     @classmethod
     def from_config(cls, config: ChatGLMConfig) -> "PrefixEncoder":
@@ -46,7 +49,7 @@ class PrefixEncoder(nn.Module):
     def reset_parameters(self) -> None:
         """PyTorch's default initialisation, as the original module gets."""
         for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
+            if getattr(module, "is_prompt_encoder_layer", False) and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:

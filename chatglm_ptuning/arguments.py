@@ -1,0 +1,99 @@
+"""Command-line arguments, with the reference recipe's flag names and defaults (spec §8.1).
+
+Flags the reference parsed but never used are accepted (so its command lines run unchanged)
+and marked as such in their help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import Seq2SeqTrainingArguments
+
+METHODS = ("ptuning_v2", "prefix_tuning", "prompt_tuning", "ptuning", "lora", "full")
+_UNUSED = "Accepted for compatibility with the reference recipe; not used."
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Local ChatGLM model folder (config.json, weights, tokenizer)."})
+    ptuning_checkpoint: str | None = field(
+        default=None, metadata={"help": "Prefix checkpoint folder to load (this toolkit's or the official pytorch_model.bin)."}
+    )
+    config_name: str | None = field(default=None, metadata={"help": _UNUSED})
+    tokenizer_name: str | None = field(default=None, metadata={"help": _UNUSED})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where the datasets library caches processed data."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": _UNUSED})
+    model_revision: str = field(default="main", metadata={"help": _UNUSED})
+    use_auth_token: bool = field(default=False, metadata={"help": _UNUSED})
+    resize_position_embeddings: bool | None = field(default=None, metadata={"help": _UNUSED})
+    quantization_bit: int | None = field(
+        default=None, metadata={"help": "4 or 8: weight-only quantized backbone, quantized while loading."}
+    )
+    pre_seq_len: int | None = field(default=None, metadata={"help": "Number of virtual prefix positions (P-tuning v2)."})
+    prefix_projection: bool = field(default=False, metadata={"help": "Reparameterise the prefix through a two-layer MLP."})
+    chatglm_version: int | None = field(
+        default=None, metadata={"help": "2 or 3: which ChatGLM2/ChatGLM3 tokenizer, when the model folder does not say."}
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    lang: str | None = field(default=None, metadata={"help": _UNUSED})
+    dataset_name: str | None = field(default=None, metadata={"help": _UNUSED + " Give local files instead."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": _UNUSED})
+    prompt_column: str | None = field(default=None, metadata={"help": "Input field (ADGEN: content; chat: prompt)."})
+    response_column: str | None = field(default=None, metadata={"help": "Target field (ADGEN: summary; chat: response)."})
+    history_column: str | None = field(default=None, metadata={"help": "Field holding earlier [query, response] turns."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: .json (array or JSON Lines) or .jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    test_file: str | None = field(default=None, metadata={"help": "Prediction data, same formats."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Redo preprocessing instead of using the cache."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
+    max_source_length: int = field(default=1024, metadata={"help": "Token budget of the prompt."})
+    max_target_length: int = field(default=128, metadata={"help": "Token budget of the response in training."})
+    val_max_target_length: int | None = field(
+        default=None, metadata={"help": "Token budget of reference responses in eval/predict (default: max_target_length)."}
+    )
+    pad_to_max_length: bool = field(default=False, metadata={"help": _UNUSED})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N prediction rows."})
+    num_beams: int | None = field(default=None, metadata={"help": "Beams for generation in eval/predict."})
+    ignore_pad_token_for_loss: bool = field(default=True, metadata={"help": "Label padding as -100 (no loss)."})
+    source_prefix: str = field(default="", metadata={"help": "Text put before every prompt."})
+    forced_bos_token: str | None = field(default=None, metadata={"help": _UNUSED})
+    train_format: str | None = field(
+        default=None,
+        metadata={"help": "'conversations' for ChatGLM3 role/content message lists; default: prompt/response columns."},
+    )
+    all_turns: bool = field(
+        default=False, metadata={"help": "Multi-turn data: learn every assistant turn (reference: the last turn only)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not any((self.dataset_name, self.train_file, self.validation_file, self.test_file)):
+            raise ValueError("give at least one of --train_file, --validation_file or --test_file")
+        for flag in ("train_file", "validation_file", "test_file"):
+            path = getattr(self, flag)
+            if path is not None and Path(path).suffix not in (".json", ".jsonl"):
+                raise ValueError(f"--{flag} {path}: expected a .json or .jsonl file, found {Path(path).suffix or 'no extension'}")
+        if self.val_max_target_length is None:
+            self.val_max_target_length = self.max_target_length
+
+
+@dataclass
+class TrainingArguments(Seq2SeqTrainingArguments):
+    """transformers' Seq2SeqTrainingArguments plus flags the reference scripts pass that
+    transformers 5 removed."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an output_dir that already holds checkpoints."}
+    )
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of --eval_strategy."})
+
+    def __post_init__(self) -> None:
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        super().__post_init__()

@@ -1,0 +1,248 @@
+"""`python -m chatglm_ptuning.train`: train, evaluate and predict, with the reference flags.
+
+The reference recipe's command lines run unchanged but for the entry point (a single .json
+argument file works too). Stages: arguments -> model/tokenizer (load_model) -> data
+(data.py) -> PromptTrainer -> checkpoints, metrics and predictions under --output_dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DataCollatorForSeq2Seq, HfArgumentParser, set_seed
+
+from .arguments import DataTrainingArguments, ModelArguments, TrainingArguments
+from .checkpoint import CheckpointError, PromptSettings
+from .data import DataError, build_preprocess_function, load_rows, tokenizer_family
+from .loading import load_model
+from .metrics import build_trainer_metrics
+from .trainer import FinalCheckpointCallback, LossPlotCallback, PromptTrainer, TrainingDiverged, last_complete_checkpoint
+
+logger = logging.getLogger("chatglm_ptuning.train")
+
+# The reference's generation settings for evaluate/predict (spec §8.3).
+REFERENCE_GENERATION = {"do_sample": True, "top_p": 0.7, "temperature": 0.95}
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _gradient_checkpointing_given(argv: list[str]) -> bool:
+    return any(a.split("=")[0] == "--gradient_checkpointing" for a in argv)
+
+
+def _guard_data_parallel(training_args: TrainingArguments) -> None:
+    """Plain `python` with several GPUs would wrap the model in DataParallel (one full copy per
+    GPU, the reference's common out-of-memory); use one GPU and say how to use them all."""
+    if training_args.world_size == 1 and training_args.n_gpu > 1:
+        logger.warning(
+            "%d GPUs are visible but the run was not started by a distributed launcher; training on one GPU. "
+            "To use them all: torchrun --nproc_per_node %d -m chatglm_ptuning.train ...",
+            training_args.n_gpu,
+            training_args.n_gpu,
+        )
+        training_args._n_gpu = 1
+
+
+def _model_dtype(training_args: TrainingArguments, prompt_only: bool) -> torch.dtype | None:
+    """P-tuning: half-precision backbone on GPU (or as --bf16/--fp16 asks), fp32 prefix.
+    Full fine-tuning: fp32 weights, mixed precision left to the Trainer (--fp16/--bf16)."""
+    if not prompt_only:
+        return torch.float32
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return None  # load_model's default: bf16/fp16 on GPU, fp32 on CPU
+
+
+def _cache_file(data_path: str, cache_root: Path, tokenizer, data_args: DataTrainingArguments, train: bool) -> str:
+    """A cache file name that changes whenever the data, the tokenizer or the settings do."""
+    digest = hashlib.sha256(Path(data_path).read_bytes())
+    digest.update(json.dumps(vars(data_args), sort_keys=True, default=str).encode())
+    digest.update(f"{type(tokenizer).__name__}:{len(tokenizer)}:{train}".encode())
+    return str(cache_root / f"{Path(data_path).stem}-{digest.hexdigest()[:16]}.arrow")
+
+
+def _prepare(path: str, tokenizer, data_args, training_args, train: bool, limit: int | None):
+    rows = load_rows(path, data_args)
+    if rows.skipped:
+        logger.info("%s: skipped %d row(s) with an empty prompt or response", path, rows.skipped)
+    dataset = rows.to_dataset()
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    cache_root = Path(training_args.output_dir) / "preprocess_cache"
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with training_args.main_process_first(desc="preprocessing"):
+        processed = dataset.map(
+            build_preprocess_function(tokenizer, data_args, train=train),
+            batched=True,
+            num_proc=data_args.preprocessing_num_workers,
+            remove_columns=dataset.column_names,
+            load_from_cache_file=not data_args.overwrite_cache,
+            cache_file_name=_cache_file(path, cache_root, tokenizer, data_args, train),
+            desc=f"tokenizing {Path(path).name}",
+        )
+    if len(processed) == 0:
+        raise DataError(path, None, "no usable rows after preprocessing")
+    return processed
+
+
+def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments, argv: list[str]) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    _guard_data_parallel(training_args)
+    set_seed(training_args.seed)
+
+    prompt_only = model_args.pre_seq_len is not None or model_args.ptuning_checkpoint is not None
+    model, tokenizer = load_model(
+        model_args.model_name_or_path,
+        ptuning_checkpoint=model_args.ptuning_checkpoint,
+        pre_seq_len=model_args.pre_seq_len,
+        prefix_projection=model_args.prefix_projection if model_args.pre_seq_len is not None else None,
+        quantization_bit=model_args.quantization_bit,
+        device=training_args.device,
+        dtype=_model_dtype(training_args, prompt_only),
+        chatglm_version=model_args.chatglm_version,
+    )
+    config = model.config
+    settings = None
+    if config.pre_seq_len:
+        settings = PromptSettings(
+            architecture=config.architecture,
+            pre_seq_len=config.pre_seq_len,
+            prefix_projection=config.prefix_projection,
+            base_model=str(Path(model_args.model_name_or_path).resolve()),
+            family=tokenizer_family(tokenizer),
+            quantization_bit=config.quantization_bit,
+        )
+        if not _gradient_checkpointing_given(argv):
+            training_args.gradient_checkpointing = True  # the reference trains P-tuning with it on
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
+
+    resume = training_args.resume_from_checkpoint
+    if training_args.do_train:
+        existing = last_complete_checkpoint(training_args.output_dir)
+        if resume in ("True", "true", "latest"):
+            if existing is None:
+                raise CheckpointError(f"--resume_from_checkpoint: no complete checkpoint in {training_args.output_dir}")
+            resume = existing
+        elif existing and resume is None and not training_args.overwrite_output_dir:
+            raise CheckpointError(
+                f"{training_args.output_dir} already holds {existing}; pass --resume_from_checkpoint True to continue "
+                "or --overwrite_output_dir to start over"
+            )
+
+    train_dataset = eval_dataset = predict_dataset = None
+    if training_args.do_train:
+        if not data_args.train_file:
+            raise ValueError("--do_train needs --train_file")
+        train_dataset = _prepare(data_args.train_file, tokenizer, data_args, training_args, True, data_args.max_train_samples)
+    if training_args.do_eval or training_args.eval_strategy != "no":
+        if not data_args.validation_file:
+            raise ValueError("--do_eval / --eval_strategy needs --validation_file")
+        eval_dataset = _prepare(data_args.validation_file, tokenizer, data_args, training_args, False, data_args.max_eval_samples)
+    if training_args.do_predict:
+        if not data_args.test_file:
+            raise ValueError("--do_predict needs --test_file")
+        predict_dataset = _prepare(data_args.test_file, tokenizer, data_args, training_args, False, data_args.max_predict_samples)
+
+    label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
+    collator = DataCollatorForSeq2Seq(tokenizer, model=None, label_pad_token_id=label_pad, pad_to_multiple_of=None, padding=False)
+    max_length = data_args.max_source_length + data_args.max_target_length + 1
+    training_args.generation_max_length = training_args.generation_max_length or max_length
+    if data_args.num_beams is not None:
+        training_args.generation_num_beams = data_args.num_beams
+    trainer = PromptTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=build_trainer_metrics(tokenizer, data_args.ignore_pad_token_for_loss)
+        if training_args.predict_with_generate
+        else None,
+        prompt_settings=settings,
+        callbacks=[FinalCheckpointCallback(), LossPlotCallback()],
+    )
+    gen_kwargs = dict(REFERENCE_GENERATION, max_length=training_args.generation_max_length)
+    if training_args.generation_num_beams:
+        gen_kwargs["num_beams"] = training_args.generation_num_beams
+    trainer._gen_kwargs = gen_kwargs
+
+    if training_args.do_train:
+        model.train()
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics = dict(result.metrics, train_samples=len(train_dataset))
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        final = last_complete_checkpoint(training_args.output_dir)
+        logger.info("final checkpoint: %s", final)
+        print(f"checkpoint written to {final}")
+    model.eval()
+    if eval_dataset is not None and training_args.do_eval:
+        metrics = trainer.evaluate(metric_key_prefix="eval", **gen_kwargs)
+        metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if predict_dataset is not None:
+        _predict(trainer, predict_dataset, tokenizer, training_args, gen_kwargs)
+
+
+def _predict(trainer: PromptTrainer, dataset, tokenizer, training_args: TrainingArguments, gen_kwargs: dict) -> None:
+    output = trainer.predict(dataset, metric_key_prefix="predict", **gen_kwargs)
+    metrics = dict(output.metrics, predict_samples=len(dataset))
+    trainer.log_metrics("predict", metrics)
+    trainer.save_metrics("predict", metrics)
+    if not trainer.is_world_process_zero() or not training_args.predict_with_generate:
+        return
+    pad = tokenizer.pad_token_id
+    predictions = tokenizer.batch_decode(
+        [[t for t in row if t != -100] for row in output.predictions.tolist()], skip_special_tokens=True
+    )
+    labels = tokenizer.batch_decode(
+        [[t if t != -100 else pad for t in row] for row in output.label_ids.tolist()], skip_special_tokens=True
+    )
+    path = Path(training_args.output_dir) / "generated_predictions.txt"
+    with open(path, "w", encoding="utf-8") as handle:
+        for prediction, label in zip(predictions, labels):
+            handle.write(json.dumps({"labels": label.strip(), "predict": prediction.strip()}, ensure_ascii=False) + "\n")
+    settings_path = Path(training_args.output_dir) / "generation_settings.json"
+    settings_path.write_text(json.dumps(gen_kwargs, indent=2) + "\n")
+    print(f"predictions written to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        run(model_args, data_args, training_args, argv)
+    except (DataError, CheckpointError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""A small Seq2SeqTrainer subclass: prompt-only checkpoints, atomic saves, a NaN guard, and a
+loss-curve plot. Everything else is the transformers Trainer as its users know it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .checkpoint import PromptSettings, read_prefix_checkpoint, save_prefix_checkpoint
+
+_STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
+TRAINER_STATE_FILE = "trainer_state.json"  # written last by the Trainer: marks a complete checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class PromptTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer that, given `prompt_settings`, saves only the trainable (prompt) weights.
+
+    Checkpoints are written into `<output_dir>/.staging/` and renamed into place once complete,
+    so a killed run never leaves a `checkpoint-N` that looks whole. Under DeepSpeed only the
+    trainable parameters are gathered and saved (never the frozen backbone).
+    """
+
+    def __init__(self, *args, prompt_settings: PromptSettings | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompt_settings = prompt_settings
+        self._staging_run_dir: str | None = None
+
+    # --- what gets saved -------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.is_deepspeed_enabled and getattr(named[0][1], "ds_id", None) is not None:
+            import deepspeed  # ZeRO-3: parameters are partitioned; gather just these
+
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {n: p.detach().float().cpu().clone() for n, p in named}
+        return {n: p.detach().float().cpu().clone() for n, p in named}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.prompt_settings is None:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        state = self._trainable_state()  # every rank takes part in a ZeRO-3 gather
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.prompt_settings is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        state = state_dict if state_dict is not None else self._trainable_state()
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
+        save_prefix_checkpoint(state, output_dir, self.prompt_settings)
+        self.model.config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.prompt_settings is not None and self.is_deepspeed_enabled:
+            # DeepSpeed's own checkpoint would otherwise hold the whole frozen backbone.
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            return
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # noqa: ANN001
+        if self.prompt_settings is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state, _ = read_prefix_checkpoint(resume_from_checkpoint)
+        target = model if model is not None else self.model
+        result = target.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{resume_from_checkpoint}: tensors not in the model: {result.unexpected_keys}")
+
+    # --- generation in evaluate/predict ----------------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):  # noqa: ANN001
+        """Generate from the prompt alone and return only the new tokens, as the reference does.
+
+        A decoder-only model's eval rows hold the prompt in input_ids and the reference answer in
+        labels (different lengths), so no loss is computed on this path.
+        """
+        if not self.args.predict_with_generate or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        gen_kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
+        gen_kwargs = {k: v for k, v in gen_kwargs.items() if v is not None}
+        gen_kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled())
+        prompt = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        with torch.no_grad():
+            generated = self.model.generate(**prompt, **gen_kwargs)
+        generated = generated[:, prompt["input_ids"].shape[-1] :]
+        max_length = gen_kwargs.get("max_length") or self.model.generation_config.max_length
+        generated = self._pad_tensors_to_max_len(generated, max_length)
+        labels = inputs.get("labels")
+        if labels is not None:
+            labels = self._pad_tensors_to_max_len(labels, max_length)
+        return None, generated, labels
+
+    # --- atomic checkpoints --------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:  # noqa: ANN001
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:  # noqa: ANN001
+        run_dir = self._get_output_dir(trial)
+        self._staging_run_dir = os.path.join(run_dir, _STAGING_DIR)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(run_dir, _STAGING_DIR, name), final)
+            shutil.rmtree(os.path.join(run_dir, _STAGING_DIR), ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+        self.accelerator.wait_for_everyone()
+
+    # --- NaN guard ----------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not math.isfinite(loss.item()):
+            last = last_complete_checkpoint(self.args.output_dir)
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; stopping. "
+                f"Last good checkpoint: {last or 'none yet'}. Try a lower --learning_rate or fp32/bf16 instead of fp16."
+            )
+        return loss
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The highest `checkpoint-N` in `output_dir` that was completely written, or None."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = []
+    for child in folder.iterdir():
+        name = child.name
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
+            if (child / TRAINER_STATE_FILE).is_file():
+                steps.append((int(name.split("-")[-1]), str(child)))
+    return max(steps)[1] if steps else None
+
+
+class FinalCheckpointCallback(TrainerCallback):
+    """Always save at the last step, whatever `save_steps` is (the reference does not)."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
+
+
+class LossPlotCallback(TrainerCallback):
+    """Writes `loss_curve.png` (training loss, and eval loss when present) into output_dir."""
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, Path(args.output_dir) / "loss_curve.png")
+
+
+def plot_loss(log_history: list[dict], path: Path) -> Path | None:
+    """Plot the logged losses against steps; returns the PNG path (None when nothing was logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        key: [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
+        for key in ("loss", "eval_loss")
+    }
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, points in series.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o" if len(points) < 30 else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

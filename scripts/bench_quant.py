@@ -1,0 +1,157 @@
+"""Benchmark the weight-only INT8/INT4 linear layers against dense fp32/bf16 layers.
+
+For each weight shape [N, K] and activation row count M, times the forward and the
+forward+backward-to-input (frozen weight, as in P-tuning) of:
+dense fp32 (the baseline), dense bf16, and QuantizedLinear INT8/INT4 with fp32 and bf16
+activations. Reports the median of `--repeats` runs after one warm-up, the ratio to dense fp32
+measured in the same run, and the bytes each variant stores for the weight. Prints a Markdown
+table; `--output` also writes the rows as JSON.
+
+    python scripts/bench_quant.py --output bench_quant.json
+    python scripts/bench_quant.py --quick        # tiny shapes, one run (used by the tests)
+
+The report is made of sections, each a function returning rows (`bench_linears`); whole-model
+sections plug into `main` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chatglm_ptuning.quantization import QuantizedLinear  # noqa: E402
+
+FULL_SHAPES = [(4096, 4096), (4096, 13696)]  # (K = in_features, N = out_features)
+FULL_ROWS = [1, 16, 256]
+QUICK_SHAPES = [(64, 64), (64, 96)]
+QUICK_ROWS = [1, 4, 40]
+MODES = ("forward", "forward+backward")
+
+
+def _median_ms(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _variants(in_features: int, out_features: int) -> dict[str, tuple[nn.Module, torch.dtype]]:
+    """name -> (frozen layer, activation dtype). Weights have the std of a trained 6B layer."""
+    dense = nn.Linear(in_features, out_features, bias=False)
+    nn.init.normal_(dense.weight, std=0.02)
+    dense.requires_grad_(False)
+    bf16 = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    bf16.weight.copy_(dense.weight)
+    int8 = QuantizedLinear.from_linear(dense, 8)
+    int4 = QuantizedLinear.from_linear(dense, 4)
+    return {
+        "dense fp32": (dense, torch.float32),
+        "dense bf16": (bf16, torch.bfloat16),
+        "int8 fp32": (int8, torch.float32),
+        "int8 bf16": (int8, torch.bfloat16),
+        "int4 fp32": (int4, torch.float32),
+        "int4 bf16": (int4, torch.bfloat16),
+    }
+
+
+def _weight_bytes(layer: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in layer.parameters())
+
+
+def _step(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    if mode == "forward":
+
+        def forward() -> None:
+            with torch.no_grad():
+                layer(x)
+
+        return forward
+    x = x.detach().requires_grad_()
+    grad_out = torch.ones(x.shape[0], layer.out_features, dtype=x.dtype)
+
+    def forward_backward() -> None:
+        x.grad = None
+        layer(x).backward(grad_out)
+
+    return forward_backward
+
+
+def bench_linears(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -> list[dict]:
+    """One row per (shape, M, mode, variant): median ms and ratio to dense fp32 in this run."""
+    results = []
+    for in_features, out_features in shapes:
+        torch.manual_seed(0)
+        variants = _variants(in_features, out_features)
+        for m in rows:
+            x = torch.randn(m, in_features)
+            for mode in MODES:
+                baseline = None
+                for name, (layer, dtype) in variants.items():
+                    ms = _median_ms(_step(layer, x.to(dtype), mode), repeats)
+                    if name == "dense fp32":  # the first variant: the baseline of its group
+                        baseline = ms
+                    results.append(
+                        dict(
+                            K=in_features, N=out_features, M=m, mode=mode, variant=name, ms=round(ms, 3),
+                            vs_dense_fp32=round(ms / baseline, 3), weight_bytes=_weight_bytes(layer),
+                        )
+                    )
+    return results
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| K | N | M | mode | variant | ms (median) | x dense fp32 | weight MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['K']} | {r['N']} | {r['M']} | {r['mode']} | {r['variant']} | {r['ms']:.2f} | "
+            f"{r['vs_dense_fp32']:.2f} | {r['weight_bytes'] / 2**20:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and one run (a smoke test)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default (default: 1, stable timings)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported")
+    parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes, rows = (QUICK_SHAPES, QUICK_ROWS) if args.quick else (FULL_SHAPES, FULL_ROWS)
+    repeats = 1 if args.quick else args.repeats
+
+    report = {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "linear": bench_linears(shapes, rows, repeats),
+    }
+    print(f"torch {report['torch']}, {report['cpu_capability']}, {report['threads']} thread(s), median of {repeats}\n")
+    print(markdown(report["linear"]))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
