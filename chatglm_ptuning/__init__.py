@@ -11,6 +11,7 @@ from .configuration import ChatGLM2Config, ChatGLM6BConfig, ChatGLMConfig
 from .modeling_chatglm import ChatGLMForConditionalGeneration
 from .modeling_chatglm2 import ChatGLM2ForConditionalGeneration
 from .tokenization import ChatGLMTokenizer
+from .loading import load_model
 
 AutoConfig.register(ChatGLMConfig.model_type, ChatGLMConfig, exist_ok=True)
 for _config_class, _model_class in (
@@ -30,4 +31,5 @@ __all__ = [
     "ChatGLMForConditionalGeneration",
     "ChatGLM2ForConditionalGeneration",
     "ChatGLMTokenizer",
+    "load_model",
 ]

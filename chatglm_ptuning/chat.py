@@ -80,7 +80,9 @@ def parse_chatglm3_response(output: str, history: list[dict[str, Any]]) -> tuple
         history.append({"role": "assistant", "metadata": metadata, "content": content})
         name = metadata.strip()
         parameters = _tool_call_arguments(content) if history[0]["role"] == "system" and "tools" in history[0] else None
-        response = {"name": name, "parameters": parameters} if parameters is not None else {"name": name, "content": content}
+        response = (
+            {"name": name, "parameters": parameters} if parameters is not None else {"name": name, "content": content}
+        )
     return response, history
 
 
@@ -139,19 +141,40 @@ class ChatFamily:
 
 CHAT_FAMILIES: dict[type, ChatFamily] = {
     ChatGLM6BTokenizer: ChatFamily(
-        name="ChatGLM-6B", architecture=ARCH_GLM1, max_length=2048, top_p=0.7, temperature=0.95, roles=("user",),
-        build_inputs=_round_prompt_inputs, stop_tokens=(), finish=_pairs_finish(postprocess_chatglm6b),
+        name="ChatGLM-6B",
+        architecture=ARCH_GLM1,
+        max_length=2048,
+        top_p=0.7,
+        temperature=0.95,
+        roles=("user",),
+        build_inputs=_round_prompt_inputs,
+        stop_tokens=(),
+        finish=_pairs_finish(postprocess_chatglm6b),
         hold_partial_characters=False,
     ),
     ChatGLM2Tokenizer: ChatFamily(
-        name="ChatGLM2-6B", architecture=ARCH_GLM2, max_length=8192, top_p=0.8, temperature=0.8, roles=("user",),
-        build_inputs=_round_prompt_inputs, stop_tokens=(), finish=_pairs_finish(postprocess_chatglm2),
+        name="ChatGLM2-6B",
+        architecture=ARCH_GLM2,
+        max_length=8192,
+        top_p=0.8,
+        temperature=0.8,
+        roles=("user",),
+        build_inputs=_round_prompt_inputs,
+        stop_tokens=(),
+        finish=_pairs_finish(postprocess_chatglm2),
         hold_partial_characters=True,
     ),
     ChatGLM3Tokenizer: ChatFamily(
-        name="ChatGLM3-6B", architecture=ARCH_GLM2, max_length=8192, top_p=0.8, temperature=0.8,
-        roles=ChatGLM3Tokenizer.ROLES, build_inputs=_chatglm3_inputs, stop_tokens=("<|user|>", "<|observation|>"),
-        finish=_chatglm3_finish, hold_partial_characters=True,
+        name="ChatGLM3-6B",
+        architecture=ARCH_GLM2,
+        max_length=8192,
+        top_p=0.8,
+        temperature=0.8,
+        roles=ChatGLM3Tokenizer.ROLES,
+        build_inputs=_chatglm3_inputs,
+        stop_tokens=("<|user|>", "<|observation|>"),
+        finish=_chatglm3_finish,
+        hold_partial_characters=True,
     ),
 }
 
@@ -296,11 +319,20 @@ class ChatMixin:
         ChatGLM3 (user, system, observation, assistant). `history` is not modified.
         """
         family, history, inputs, kwargs = self._chat_request(
-            tokenizer, query, history, role, max_length, num_beams, do_sample, top_p, temperature,
-            logits_processor, gen_kwargs,
+            tokenizer,
+            query,
+            history,
+            role,
+            max_length,
+            num_beams,
+            do_sample,
+            top_p,
+            temperature,
+            logits_processor,
+            gen_kwargs,
         )
         outputs = self.generate(**inputs, **kwargs)
-        generated = outputs[0, inputs["input_ids"].shape[1]:].tolist()
+        generated = outputs[0, inputs["input_ids"].shape[1] :].tolist()
         _, response, new_history = self._chat_reply(family, tokenizer, generated, history, query, role)
         return response, new_history
 
@@ -325,7 +357,16 @@ class ChatMixin:
         generation.
         """
         family, history, inputs, kwargs = self._chat_request(
-            tokenizer, query, history, role, max_length, 1, do_sample, top_p, temperature, logits_processor,
+            tokenizer,
+            query,
+            history,
+            role,
+            max_length,
+            1,
+            do_sample,
+            top_p,
+            temperature,
+            logits_processor,
             gen_kwargs,
         )
         closed = _StopWhenClosed()

@@ -29,7 +29,10 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+)
 
 from .configuration import ChatGLM6BConfig
 from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
@@ -184,7 +187,7 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, s, dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+    def _apply(self, fn, recurse: bool = True):
         # Model casts (`.half()`, `.to(torch.bfloat16)`) must not round the frequencies again (bf16
         # would): keep the fp16-exact values in fp32 and follow only device moves.
         super()._apply(fn, recurse)
@@ -376,7 +379,8 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
                 )
         if (position_ids is None or block_mask is None) and input_ids is None:
             raise ValueError(
-                "without input_ids the GLM positions and mask cannot be derived: pass position_ids and a 4D attention_mask"
+                "without input_ids the GLM positions and mask cannot be derived: "
+                "pass position_ids and a 4D attention_mask"
             )
         if position_ids is None:
             if past_length:
@@ -388,7 +392,9 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
             )
         expected = (batch, 2, seq) if self.config.position_encoding_2d else (batch, seq)
         if tuple(position_ids.shape) != expected:
-            raise ValueError(f"position_ids must have shape {expected} (batch, [2,] new tokens), found {tuple(position_ids.shape)}")
+            raise ValueError(
+                f"position_ids must have shape {expected} (batch, [2,] new tokens), found {tuple(position_ids.shape)}"
+            )
         if block_mask is None:
             block_mask = glm_attention_mask(input_ids, self.config.bos_token_id, padding_mask, past_length)
         return position_ids, block_mask
@@ -522,7 +528,9 @@ class ChatGLMForConditionalGeneration(ChatGLMLMBase, ChatGLM6BPreTrainedModel):
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         input_ids = model_kwargs.get("input_ids", inputs_tensor)
         if input_ids is None or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError("ChatGLM-6B generation needs input_ids (or explicit position_ids) to place its 2D positions")
+            raise ValueError(
+                "ChatGLM-6B generation needs input_ids (or explicit position_ids) to place its 2D positions"
+            )
         mask = model_kwargs.get("attention_mask")
         return glm_position_ids(input_ids, self.config, mask if mask is not None and mask.dim() == 2 else None)
 

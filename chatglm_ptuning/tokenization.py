@@ -39,6 +39,12 @@ TOKENIZER_CLASS_NAME = "ChatGLMTokenizer"  # what tokenizer_config.json says, fo
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
+def split_around(text: str, tokens: list[str] | tuple[str, ...]) -> list[str]:
+    """`text` cut around every occurrence of `tokens`; odd positions of the result hold the tokens."""
+    pattern = "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True))
+    return re.split(f"({pattern})", text)
+
+
 class ChatGLMTokenizer(PreTrainedTokenizer):
     """Base of the three ChatGLM tokenizer families; constructing or loading it returns a family.
 
@@ -77,7 +83,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if chatglm_version is not None and int(chatglm_version) != self.chatglm_version:
             raise ValueError(
                 f"{type(self).__name__} is the ChatGLM{self.chatglm_version} tokenizer but chatglm_version="
-                f"{chatglm_version!r} was given; load the folder with ChatGLMTokenizer or AutoTokenizer to pick the family"
+                f"{chatglm_version!r} was given; load the folder with ChatGLMTokenizer or AutoTokenizer "
+                "to pick the family"
             )
 
     def _finish_init(self) -> None:
@@ -141,8 +148,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         specials = self._no_split_tokens()
         if not specials:
             return self._tokenize(text)
-        pattern = "(" + "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)) + ")"
-        chunks = re.split(pattern, text)
+        chunks = split_around(text, specials)
         for i in range(1, len(chunks), 2):  # odd indices are the special tokens
             chunks[i - 1] = chunks[i - 1].rstrip()
             chunks[i + 1] = chunks[i + 1].lstrip()
@@ -184,7 +190,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             )
 
     @staticmethod
-    def _padded_length(length: int, max_length: int | None, strategy: PaddingStrategy, multiple: int | None) -> int | None:
+    def _padded_length(
+        length: int, max_length: int | None, strategy: PaddingStrategy, multiple: int | None
+    ) -> int | None:
         if strategy == PaddingStrategy.LONGEST:
             max_length = length
         if max_length is not None and multiple is not None and max_length % multiple:
@@ -312,7 +320,9 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
     def _ids_dropped_when_decoding(self, skip_special_tokens: bool) -> set[int]:
         return {self.pad_token_id} | super()._ids_dropped_when_decoding(skip_special_tokens)
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         ids = token_ids_0 + [self.gmask_token_id, self.bos_token_id]
         if token_ids_1 is not None:
             ids = ids + token_ids_1 + [self.eos_token_id]
@@ -351,7 +361,9 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
                     encoded_inputs["attention_mask"], [(0, 0), (difference, 0), (difference, 0)], constant_values=True
                 )
             if "token_type_ids" in encoded_inputs:
-                encoded_inputs["token_type_ids"] = [self.pad_token_type_id] * difference + encoded_inputs["token_type_ids"]
+                encoded_inputs["token_type_ids"] = [self.pad_token_type_id] * difference + encoded_inputs[
+                    "token_type_ids"
+                ]
             if "special_tokens_mask" in encoded_inputs:
                 encoded_inputs["special_tokens_mask"] = [1] * difference + encoded_inputs["special_tokens_mask"]
             if "position_ids" in encoded_inputs:
@@ -464,7 +476,9 @@ class ChatGLM2Tokenizer(ChatGLMTokenizer):
         dropped = super()._ids_dropped_when_decoding(skip_special_tokens)
         return dropped | set(self.special_token_ids.values()) if skip_special_tokens else dropped
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         ids = self.get_prefix_tokens() + token_ids_0
         if token_ids_1 is not None:
             ids = ids + token_ids_1 + [self.eos_token_id]
@@ -512,9 +526,8 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         if not self.encode_special_tokens:
             return self.sp_model.EncodeAsPieces(text)
-        roles = "(" + "|".join(re.escape(f"<|{role}|>") for role in self.ROLES) + ")"
         pieces: list[str] = []
-        for i, chunk in enumerate(re.split(roles, text)):
+        for i, chunk in enumerate(split_around(text, [f"<|{role}|>" for role in self.ROLES])):
             if i % 2:
                 pieces.append(chunk)
             elif chunk:
@@ -536,7 +549,9 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
             + self.sp_model.Encode(message)
         )
 
-    def build_chat_input(self, query: str, history: list[dict[str, Any]] | None = None, role: str = "user") -> BatchEncoding:
+    def build_chat_input(
+        self, query: str, history: list[dict[str, Any]] | None = None, role: str = "user"
+    ) -> BatchEncoding:
         """Model input for one chat turn: `[gMASK, sop]`, the history messages, the query, `<|assistant|>`.
 
         `history` holds `{"role", "content"}` dicts (optional "metadata"; a system message may carry
@@ -555,16 +570,17 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
 
 
 def _family_class(has_glm1: bool, has_glm2: bool, version: int | None) -> type[ChatGLMTokenizer]:
-    """Pick the family from the vocabulary files present and an optional explicit version."""
-    if version is not None and int(version) not in (1, 2, 3):
+    """Pick the family from the vocabulary files present and an optional explicit version (1, 2 or 3)."""
+    version = None if version is None else int(version)
+    if version not in (None, 1, 2, 3):
         raise ValueError(f"chatglm_version must be 1, 2 or 3, found {version!r}")
-    if has_glm1 and (version is None or int(version) == 1):
+    if has_glm1 and version in (None, 1):
         return ChatGLM6BTokenizer
-    if has_glm2 and (version is None or int(version) in (2, 3)):
-        return ChatGLM3Tokenizer if version is not None and int(version) == 3 else ChatGLM2Tokenizer
+    if has_glm2 and version in (None, 2, 3):
+        return ChatGLM3Tokenizer if version == 3 else ChatGLM2Tokenizer
+    found = GLM1_VOCAB_FILE if has_glm1 else GLM2_VOCAB_FILE if has_glm2 else "neither"
     raise OSError(
-        f"cannot build a ChatGLM{'' if version is None else version} tokenizer: expected {GLM1_VOCAB_FILE} "
-        f"(ChatGLM-6B) or {GLM2_VOCAB_FILE} (ChatGLM2/3); found {GLM1_VOCAB_FILE if has_glm1 else GLM2_VOCAB_FILE if has_glm2 else 'neither'}"
+        f"chatglm_version={version} needs {GLM1_VOCAB_FILE if version == 1 else GLM2_VOCAB_FILE}; found {found}"
     )
 
 

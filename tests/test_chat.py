@@ -52,17 +52,32 @@ def models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     glm1 = ChatGLMForConditionalGeneration(
         ChatGLM6BConfig(
-            vocab_size=130528, hidden_size=32, inner_hidden_size=64, num_layers=2, num_attention_heads=4,
-            max_sequence_length=512, bos_token_id=130004, eos_token_id=130005, mask_token_id=130000,
-            gmask_token_id=130001, pad_token_id=3,
+            vocab_size=130528,
+            hidden_size=32,
+            inner_hidden_size=64,
+            num_layers=2,
+            num_attention_heads=4,
+            max_sequence_length=512,
+            bos_token_id=130004,
+            eos_token_id=130005,
+            mask_token_id=130000,
+            gmask_token_id=130001,
+            pad_token_id=3,
             # Tied random embeddings make greedy decoding repeat the last input token (<sop>, which decodes to "").
             tie_word_embeddings=False,
         )
     ).eval()
     glm2 = ChatGLM2ForConditionalGeneration(
         ChatGLM2Config(
-            padded_vocab_size=65024, hidden_size=32, ffn_hidden_size=64, kv_channels=8, num_layers=2,
-            num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,
+            padded_vocab_size=65024,
+            hidden_size=32,
+            ffn_hidden_size=64,
+            kv_channels=8,
+            num_layers=2,
+            num_attention_heads=4,
+            multi_query_attention=True,
+            multi_query_group_num=2,
+            add_qkv_bias=True,
             seq_length=2048,
         )
     ).eval()
@@ -116,8 +131,13 @@ def test_official_defaults_and_prompt(tokenizers, name, max_length, top_p, tempe
     prompts = {
         "chatglm-6b": lambda: tok("[Round 0]\n问：a\n答：b\n[Round 1]\n问：你好\n答：")["input_ids"],
         "chatglm2-6b": lambda: tok("[Round 1]\n\n问：a\n\n答：b\n\n[Round 2]\n\n问：你好\n\n答：")["input_ids"],
-        "chatglm3-6b": lambda: [64790, 64792, *tok.build_single_message("user", "", "a"),
-                                *tok.build_single_message("user", "", "你好"), 64796],
+        "chatglm3-6b": lambda: [
+            64790,
+            64792,
+            *tok.build_single_message("user", "", "a"),
+            *tok.build_single_message("user", "", "你好"),
+            64796,
+        ],
     }
     expected = prompts[name]()
     assert call["input_ids"].tolist() == [expected]
@@ -189,7 +209,10 @@ def test_chatglm3_tool_call_parsing():
     unsafe = "track\n```python\ntool_call(x=__import__('os').getcwd())\n```"
     assert parse_chatglm3_response(unsafe, [system])[0]["name"] == "track"
     assert "content" in parse_chatglm3_response(unsafe, [system])[0]
-    assert parse_chatglm3_response("calc\n1+1", [{"role": "user", "content": "q"}])[0] == {"name": "calc", "content": "1+1"}
+    assert parse_chatglm3_response("calc\n1+1", [{"role": "user", "content": "q"}])[0] == {
+        "name": "calc",
+        "content": "1+1",
+    }
     # Several assistant segments: the last one is the response, all go to history.
     response, history = parse_chatglm3_response("\n first<|assistant|>\n second", [])
     assert response == "second" and [m["content"] for m in history] == ["first", "second"]
@@ -245,7 +268,11 @@ def test_closing_the_stream_stops_generation(tokenizers, models):
 
     tok, model = tokenizers["chatglm2-6b"], models["chatglm2-6b"]
     stream = model.stream_chat(
-        tok, "你好", do_sample=False, max_new_tokens=1000, min_new_tokens=1000,
+        tok,
+        "你好",
+        do_sample=False,
+        max_new_tokens=1000,
+        min_new_tokens=1000,
         stopping_criteria=StoppingCriteriaList([CountSteps()]),
     )
     next(stream)

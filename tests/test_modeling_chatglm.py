@@ -107,8 +107,9 @@ def prefix_model(official_dir, official_config, tmp_path_factory) -> ChatGLMForC
 
 def ptuning_dir(tmp_path_factory, official_dir: Path, official_config: dict, projection: bool) -> Path:
     folder = tmp_path_factory.mktemp("chatglm6b_ptuning")
-    (folder / "config.json").write_text(json.dumps({**official_config, "pre_seq_len": 3, "prefix_projection": projection}))
-    prefix = load_file(GOLDEN_DIR / ("chatglm6b_prefix_proj.safetensors" if projection else "chatglm6b_prefix.safetensors"))
+    config = {**official_config, "pre_seq_len": 3, "prefix_projection": projection}
+    (folder / "config.json").write_text(json.dumps(config))
+    prefix = load_file(GOLDEN_DIR / f"chatglm6b_prefix{'_proj' if projection else ''}.safetensors")
     weights = torch.load(official_dir / "pytorch_model.bin")
     torch.save({**weights, **prefix}, folder / "pytorch_model.bin")
     return folder
@@ -216,7 +217,8 @@ def test_checkpoint_inv_freq_ignored(model):
 def test_sharded_bins_with_index(tmp_path, official_dir, official_weights, model, golden):
     shutil.copy(official_dir / "config.json", tmp_path / "config.json")
     keys = sorted(official_weights)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2], "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    half = len(keys) // 2
+    shards = {"pytorch_model-00001-of-00002.bin": keys[:half], "pytorch_model-00002-of-00002.bin": keys[half:]}
     weight_map = {}
     for file, shard_keys in shards.items():
         torch.save({k: official_weights[k] for k in shard_keys}, tmp_path / file)
@@ -365,7 +367,9 @@ def test_beam_search_and_sampling_run(prefix_model):
     single = prefix_model.generate(torch.tensor([prompts()[1]]), max_new_tokens=4, num_beams=3, do_sample=False)
     assert beams[1, ids.shape[1] :].tolist() == single[0, -4:].tolist()
     torch.manual_seed(0)
-    sampled = prefix_model.generate(ids, attention_mask=keep, max_new_tokens=4, do_sample=True, top_p=0.7, temperature=0.95)
+    sampled = prefix_model.generate(
+        ids, attention_mask=keep, max_new_tokens=4, do_sample=True, top_p=0.7, temperature=0.95
+    )
     assert sampled.shape == (3, ids.shape[1] + 4)
 
 

@@ -156,7 +156,23 @@ def test_spec_examples(tokenizers):
     assert tokenizers["chatglm-6b"]("你好")["input_ids"] == [5, 74874, 130001, 130004]
     glm2 = tokenizers["chatglm2-6b"]
     assert glm2(glm2.build_prompt("你好"))["input_ids"] == [
-        64790, 64792, 790, 30951, 517, 30910, 30939, 30996, 13, 13, 54761, 31211, 39701, 13, 13, 55437, 31211,
+        64790,
+        64792,
+        790,
+        30951,
+        517,
+        30910,
+        30939,
+        30996,
+        13,
+        13,
+        54761,
+        31211,
+        39701,
+        13,
+        13,
+        55437,
+        31211,
     ]
     chat = tokenizers["chatglm3-6b"].build_chat_input("你好")
     assert chat["input_ids"].tolist() == [[64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]]
@@ -306,8 +322,12 @@ def test_auto_tokenizer_offline_without_remote_code(tmp_path):
     with_model_config = copy_folder(
         root / "chatglm2-6b",
         tmp_path / "glm2_model",
-        config={"_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm", "padded_vocab_size": 65024,
-                "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"}},
+        config={
+            "_name_or_path": "THUDM/chatglm2-6b",
+            "model_type": "chatglm",
+            "padded_vocab_size": 65024,
+            "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
+        },
     )
     folders = [root / "chatglm-6b", root / "chatglm2-6b", root / "chatglm3-6b", with_model_config]
     script = (
@@ -321,4 +341,9 @@ def test_auto_tokenizer_offline_without_remote_code(tmp_path):
         [sys.executable, "-c", script, *map(str, folders)], capture_output=True, text=True, env=env, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["ChatGLM6BTokenizer", "ChatGLM2Tokenizer", "ChatGLM3Tokenizer", "ChatGLM2Tokenizer"]
+    assert result.stdout.split() == [
+        "ChatGLM6BTokenizer",
+        "ChatGLM2Tokenizer",
+        "ChatGLM3Tokenizer",
+        "ChatGLM2Tokenizer",
+    ]
