@@ -64,6 +64,11 @@ class DataTrainingArguments:
     ignore_pad_token_for_loss: bool = field(default=True, metadata={"help": "Label padding as -100 (no loss)."})
     source_prefix: str = field(default="", metadata={"help": "Text put before every prompt."})
     forced_bos_token: str | None = field(default=None, metadata={"help": _UNUSED})
+    do_sample: bool = field(
+        default=True, metadata={"help": "Sample in eval/predict generation (reference); False: greedy, deterministic scores."}
+    )
+    top_p: float = field(default=0.7, metadata={"help": "Nucleus sampling threshold for eval/predict (reference 0.7)."})
+    temperature: float = field(default=0.95, metadata={"help": "Sampling temperature for eval/predict (reference 0.95)."})
     train_format: str | None = field(
         default=None,
         metadata={"help": "'conversations' for ChatGLM3 role/content message lists; default: prompt/response columns."},

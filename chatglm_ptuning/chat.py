@@ -96,7 +96,7 @@ def _tool_call_arguments(content: str) -> dict[str, Any] | None:
         if call.args or any(keyword.arg is None for keyword in call.keywords):
             return None
         return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, TypeError, RecursionError):  # not a literal-only call
         return None
 
 

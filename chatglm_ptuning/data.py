@@ -158,14 +158,11 @@ def read_json_records(path: str | Path) -> list[tuple[int, Any]]:
         raise DataError(path, None, f"expected a .json or .jsonl file, found {path.suffix or 'no extension'}")
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(path, None, "file not found") from None
     except UnicodeDecodeError as error:
-        raise DataError(
-            path, _line_of(error.object.decode("utf-8", "replace"), error.start), "not UTF-8 text"
-        ) from None
-    stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
+        raise DataError(path, error.object.count(b"\n", 0, error.start) + 1, "not UTF-8 text") from None
+    except OSError as error:
+        raise DataError(path, None, f"cannot read the file ({error.strerror})") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
         return _read_array(path, text)
     return _read_lines(path, text)
 
@@ -196,11 +193,15 @@ class LoadedRows:
         return datasets.Dataset.from_list(self.rows)
 
 
-def _string_field(row: dict, column: str, path: Path, line: int) -> str | None:
-    """The value of a required text column: None when null (treated as empty), else a string."""
+def _column(row: dict, column: str, path: Path, line: int) -> Any:
     if column not in row:
         raise DataError(path, line, f'missing column "{column}" (found columns: {", ".join(sorted(row)) or "none"})')
-    value = row[column]
+    return row[column]
+
+
+def _string_field(row: dict, column: str, path: Path, line: int) -> str | None:
+    """The value of a required text column: None when null (treated as empty), else a string."""
+    value = _column(row, column, path, line)
     if value is not None and not isinstance(value, str):
         raise DataError(
             path,
@@ -211,9 +212,7 @@ def _string_field(row: dict, column: str, path: Path, line: int) -> str | None:
 
 
 def _history_field(row: dict, column: str, path: Path, line: int) -> list[list[str]]:
-    if column not in row:
-        raise DataError(path, line, f'missing column "{column}" (found columns: {", ".join(sorted(row)) or "none"})')
-    history = row[column]
+    history = _column(row, column, path, line)
     if history is None:
         return []
     if not isinstance(history, list):
@@ -241,11 +240,7 @@ def _prompt_response_row(row: dict, args: DataArgs, path: Path, line: int) -> di
 def _conversation_row(row: dict, path: Path, line: int) -> dict | None:
     if "tools" in row:
         raise DataError(path, line, '"tools": tool definitions are not supported; describe tools in a system message')
-    if CONVERSATIONS_KEY not in row:
-        raise DataError(
-            path, line, f'missing column "{CONVERSATIONS_KEY}" (found columns: {", ".join(sorted(row)) or "none"})'
-        )
-    messages = row[CONVERSATIONS_KEY]
+    messages = _column(row, CONVERSATIONS_KEY, path, line)
     if not isinstance(messages, list):
         raise DataError(
             path, line, f'"{CONVERSATIONS_KEY}": expected an array of messages, found {_json_type(messages)}'
@@ -269,9 +264,7 @@ def _conversation_row(row: dict, path: Path, line: int) -> dict | None:
         if loss is not None and not isinstance(loss, bool):
             raise DataError(path, line, f'{where}."loss": expected true or false, found {_json_type(loss)}')
         normalised.append({"role": role, "content": content, "loss": loss})
-    if not any(m["role"] == "assistant" and m["content"] for m in normalised):
-        return None
-    return {CONVERSATIONS_KEY: normalised}
+    return {CONVERSATIONS_KEY: normalised} if _has_answer(normalised) else None
 
 
 def validate_records(records: Sequence[tuple[int, Any]], args: DataArgs, path: str | Path) -> LoadedRows:

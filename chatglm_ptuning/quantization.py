@@ -13,22 +13,24 @@ Two deliberate departures from the official code, both where it has no defined r
 rows whose scale is 0 (all-zero rows, or a scale that underflows its dtype) quantize to 0
 instead of 0/0 = NaN cast to int8, and q is clamped to [-(2^(bits-1)-1), 2^(bits-1)-1].
 
-Forward kernels (CPU choices measured in the platform notes and scripts/bench_quant.py):
-- CPU, bf16 activations, at most 32 rows: `torch._weight_int8pack_mm` (2-5x faster than a
-  dense fp32 matmul for decoding);
-- CPU otherwise: dequantize blocks of 256 weight rows to fp32 and multiply block by block,
-  scaling the output, not the weight. Blocks stay cache-resident, so this matches the speed
-  of a dense fp32 matmul without ever materialising the whole dequantized weight. INT4
-  blocks are unpacked as [high nibbles | low nibbles] and multiplied with the activation
-  columns permuted the same way, which avoids interleaving the nibbles;
+Kernels (CPU choices measured with scripts/bench_quant.py; no dense weight is ever formed):
+- CPU, bf16 activations, few rows (<= 32; <= 8 where the CPU has native bf16):
+  `torch._weight_int8pack_mm`, 2-6x faster than a dense matmul when decoding;
+- CPU otherwise: turn blocks of 256 weight rows into floats (bf16 for bf16 activations on
+  CPUs with native bf16, else fp32), multiply block by block and scale the output, not the
+  weight. Blocks stay cache-resident, so this runs at about the speed of the dense matmul
+  of the same dtype. INT4 blocks are unpacked as [high nibbles | low nibbles] and the
+  activation columns are permuted to match, which avoids interleaving the nibbles;
 - CUDA and other devices: dequantize to the activation dtype and call F.linear (the
   official CUDA kernels also dequantize to fp16 before a dense matmul).
-Backward only reaches the input: grad_x = grad_y @ (scale * q). The weight never receives
-a gradient and no dequantized weight is saved for backward.
+Backward reaches the input only: grad_x = (grad_y * scale) @ q, block by block on CPU,
+grad_y @ dequantized weight elsewhere (fp16 gradients must not be scaled down first). The
+weight never gets a gradient, and only the int8 weight and the scale are saved for backward.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -42,7 +44,10 @@ SUPPORTED_BITS = (4, 8)
 
 # CPU kernel choices (measured, see the module docstring).
 _BLOCK_ROWS = 256  # weight rows dequantized at once: 4 MiB of fp32 at in_features=4096
-_INT8PACK_MAX_ROWS = 32  # above this many activation rows the fp32 block path is faster
+# Up to this many bf16 activation rows torch._weight_int8pack_mm beats the block path; the
+# block path in native bf16 (avx512_bf16/AMX CPUs) catches up sooner than in fp32.
+_INT8PACK_MAX_ROWS = 32
+_INT8PACK_MAX_ROWS_NATIVE_BF16 = 8
 # torch._weight_int8pack_mm on CPU (torch 2.13) crashes or returns NaN unless in_features is a
 # multiple of 16; 64 keeps a margin for other instruction sets. Every real ChatGLM shape is.
 _INT8PACK_IN_FEATURES_MULTIPLE = 64
@@ -207,34 +212,45 @@ def _weight_blocks(qweight: torch.Tensor, bits: int):
         yield start, start + rows.shape[0], rows
 
 
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """Whether bf16 matmuls run natively here (without, oneDNN emulates them 2-4x slower than fp32)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if dtype == torch.bfloat16 and _cpu_has_native_bf16() else torch.float32
+
+
 def _cpu_forward(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """x [M, in] @ (scale * q)^T -> [M, out] in x's dtype, on CPU."""
     rows, in_features = x.shape
     qweight = qweight.contiguous()
-    if (
-        x.dtype == torch.bfloat16
-        and rows <= _INT8PACK_MAX_ROWS
-        and in_features % _INT8PACK_IN_FEATURES_MULTIPLE == 0
-    ):
-        x_blocked = _to_block_order(x.contiguous(), bits)
-        scale_bf16 = scale.to(torch.bfloat16)
-        out = x.new_empty(rows, qweight.shape[0])
-        for start, stop, block in _weight_blocks(qweight, bits):
-            out[:, start:stop] = torch._weight_int8pack_mm(x_blocked, block, scale_bf16[start:stop])
-        return out
-    x_blocked = _to_block_order(x.float(), bits)
+    if x.dtype == torch.bfloat16 and in_features % _INT8PACK_IN_FEATURES_MULTIPLE == 0:
+        max_rows = _INT8PACK_MAX_ROWS_NATIVE_BF16 if _cpu_has_native_bf16() else _INT8PACK_MAX_ROWS
+        if rows <= max_rows:
+            x_blocked = _to_block_order(x.contiguous(), bits)
+            scale_bf16 = scale.to(torch.bfloat16)
+            out = x.new_empty(rows, qweight.shape[0])
+            for start, stop, block in _weight_blocks(qweight, bits):
+                out[:, start:stop] = torch._weight_int8pack_mm(x_blocked, block, scale_bf16[start:stop])
+            return out
+    compute_dtype = _cpu_compute_dtype(x.dtype)
+    x_blocked = _to_block_order(x.to(compute_dtype), bits)
     out = torch.empty(rows, qweight.shape[0], dtype=torch.float32, device=x.device)
     for start, stop, block in _weight_blocks(qweight, bits):
-        out[:, start:stop] = F.linear(x_blocked, block.float())
+        out[:, start:stop] = F.linear(x_blocked, block.to(compute_dtype))
     return out.mul_(scale.float()).to(x.dtype)
 
 
 def _cpu_grad_input(grad: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """grad [M, out] @ (scale * q) -> [M, in] in fp32, on CPU; the gradient is scaled, not the weight."""
-    scaled = grad.float() * scale.float()
+    compute_dtype = _cpu_compute_dtype(grad.dtype)
+    scaled = (grad.float() * scale.float()).to(compute_dtype)
     grad_x = torch.zeros(grad.shape[0], qweight.shape[1] * 8 // bits, dtype=torch.float32, device=grad.device)
     for start, stop, block in _weight_blocks(qweight.contiguous(), bits):
-        grad_x.addmm_(scaled[:, start:stop], block.float())
+        grad_x += scaled[:, start:stop] @ block.to(compute_dtype)  # block sums accumulate in fp32
     return _from_block_order(grad_x, bits)
 
 

@@ -20,15 +20,13 @@ from transformers import DataCollatorForSeq2Seq, HfArgumentParser, set_seed
 
 from .arguments import DataTrainingArguments, ModelArguments, TrainingArguments
 from .checkpoint import CheckpointError, PromptSettings
+from .collator import PromptBatchCollator
 from .data import DataError, build_preprocess_function, load_rows, tokenizer_family
 from .loading import load_model
 from .metrics import build_trainer_metrics
 from .trainer import FinalCheckpointCallback, LossPlotCallback, PromptTrainer, TrainingDiverged, last_complete_checkpoint
 
 logger = logging.getLogger("chatglm_ptuning.train")
-
-# The reference's generation settings for evaluate/predict (spec §8.3).
-REFERENCE_GENERATION = {"do_sample": True, "top_p": 0.7, "temperature": 0.95}
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
@@ -88,6 +86,8 @@ def _prepare(path: str, tokenizer, data_args, training_args, train: bool, limit:
         processed = dataset.map(
             build_preprocess_function(tokenizer, data_args, train=train),
             batched=True,
+            # Eval prompts are mapped one by one, so none is padded: each batch pads only as far as it needs.
+            batch_size=1000 if train else 1,
             num_proc=data_args.preprocessing_num_workers,
             remove_columns=dataset.column_names,
             load_from_cache_file=not data_args.overwrite_cache,
@@ -96,7 +96,7 @@ def _prepare(path: str, tokenizer, data_args, training_args, train: bool, limit:
         )
     if len(processed) == 0:
         raise DataError(path, None, "no usable rows after preprocessing")
-    return processed
+    return processed if train else processed.select_columns(["input_ids", "labels"])
 
 
 def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments, argv: list[str]) -> None:
@@ -163,7 +163,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         predict_dataset = _prepare(data_args.test_file, tokenizer, data_args, training_args, False, data_args.max_predict_samples)
 
     label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
-    collator = DataCollatorForSeq2Seq(tokenizer, model=None, label_pad_token_id=label_pad, pad_to_multiple_of=None, padding=False)
+    train_collator = DataCollatorForSeq2Seq(tokenizer, model=None, label_pad_token_id=label_pad, padding=False)
+    eval_collator = PromptBatchCollator(tokenizer, label_pad_id=label_pad)
     max_length = data_args.max_source_length + data_args.max_target_length + 1
     training_args.generation_max_length = training_args.generation_max_length or max_length
     if data_args.num_beams is not None:
@@ -174,14 +175,17 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=collator,
+        data_collator=train_collator,
+        eval_collator=eval_collator,
         compute_metrics=build_trainer_metrics(tokenizer, data_args.ignore_pad_token_for_loss)
         if training_args.predict_with_generate
         else None,
         prompt_settings=settings,
         callbacks=[FinalCheckpointCallback(), LossPlotCallback()],
     )
-    gen_kwargs = dict(REFERENCE_GENERATION, max_length=training_args.generation_max_length)
+    gen_kwargs = {"do_sample": data_args.do_sample, "max_length": training_args.generation_max_length}
+    if data_args.do_sample:
+        gen_kwargs.update(top_p=data_args.top_p, temperature=data_args.temperature)
     if training_args.generation_num_beams:
         gen_kwargs["num_beams"] = training_args.generation_num_beams
     trainer._gen_kwargs = gen_kwargs

@@ -15,6 +15,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import PromptSettings, read_prefix_checkpoint, save_prefix_checkpoint
+from .collator import PROMPT_LENGTH_KEY
 
 _STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
 TRAINER_STATE_FILE = "trainer_state.json"  # written last by the Trainer: marks a complete checkpoint
@@ -32,10 +33,20 @@ class PromptTrainer(Seq2SeqTrainer):
     trainable parameters are gathered and saved (never the frozen backbone).
     """
 
-    def __init__(self, *args, prompt_settings: PromptSettings | None = None, **kwargs):
+    def __init__(self, *args, prompt_settings: PromptSettings | None = None, eval_collator=None, **kwargs):  # noqa: ANN001
         super().__init__(*args, **kwargs)
         self.prompt_settings = prompt_settings
+        self.eval_collator = eval_collator  # batches eval/predict rows (prompts + labels) when given
         self._staging_run_dir: str | None = None
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):  # noqa: ANN001
+        if is_training or self.eval_collator is None:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        finally:
+            self.data_collator = train_collator
 
     # --- what gets saved -------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -90,20 +101,30 @@ class PromptTrainer(Seq2SeqTrainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):  # noqa: ANN001
         """Generate from the prompt alone and return only the new tokens, as the reference does.
 
-        A decoder-only model's eval rows hold the prompt in input_ids and the reference answer in
-        labels (different lengths), so no loss is computed on this path.
+        `max_length` is the reference's total length (prompt + answer). Each row gets the budget
+        it would have alone (max_length - its own prompt length), so results do not depend on
+        which rows share a batch. A decoder-only model's eval rows hold the prompt in input_ids and
+        the reference answer in labels (different lengths), so no loss is computed on this path.
         """
         if not self.args.predict_with_generate or prediction_loss_only:
+            inputs.pop(PROMPT_LENGTH_KEY, None)
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
         gen_kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
         gen_kwargs = {k: v for k, v in gen_kwargs.items() if v is not None}
         gen_kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled())
+        max_length = gen_kwargs.pop("max_length", None) or self.model.generation_config.max_length
         prompt = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        padded_length = prompt["input_ids"].shape[-1]
+        lengths = inputs.get(PROMPT_LENGTH_KEY)
+        if lengths is None:
+            lengths = torch.full((prompt["input_ids"].shape[0],), padded_length)
+        budgets = (max_length - lengths).clamp(min=0)
         with torch.no_grad():
-            generated = self.model.generate(**prompt, **gen_kwargs)
-        generated = generated[:, prompt["input_ids"].shape[-1] :]
-        max_length = gen_kwargs.get("max_length") or self.model.generation_config.max_length
+            generated = self.model.generate(**prompt, max_new_tokens=max(int(budgets.max()), 1), **gen_kwargs)
+        generated = generated[:, padded_length:]
+        beyond = torch.arange(generated.shape[-1], device=generated.device)[None, :] >= budgets.to(generated.device)[:, None]
+        generated = generated.masked_fill(beyond, self.processing_class.pad_token_id)
         generated = self._pad_tensors_to_max_len(generated, max_length)
         labels = inputs.get("labels")
         if labels is not None:

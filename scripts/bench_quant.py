@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chatglm_ptuning.quantization import QuantizedLinear  # noqa: E402
+from chatglm_ptuning.quantization import QuantizedLinear, _cpu_has_native_bf16  # noqa: E402
 
 FULL_SHAPES = [(4096, 4096), (4096, 13696)]  # (K = in_features, N = out_features)
 FULL_ROWS = [1, 16, 256]
@@ -141,11 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": _cpu_has_native_bf16(),  # decides the CPU kernels; dense bf16 speed depends on it too
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "linear": bench_linears(shapes, rows, repeats),
     }
-    print(f"torch {report['torch']}, {report['cpu_capability']}, {report['threads']} thread(s), median of {repeats}\n")
+    bf16 = "native" if report["native_bf16"] else "emulated"
+    print(f"torch {report['torch']}, {report['cpu_capability']} ({bf16} bf16), {report['threads']} thread(s), median of {repeats}\n")
     print(markdown(report["linear"]))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

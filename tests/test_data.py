@@ -396,7 +396,7 @@ def test_invalid_json_names_file_and_line(tmp_path, name, text, message):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match=r"missing\.json: cannot read the file \(No such file or directory\)"):
         read_json_records(tmp_path / "missing.json")
 
 

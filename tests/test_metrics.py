@@ -232,3 +232,11 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {predictions_file}:2: not UTF-8 text (invalid start byte at byte 0)"
+
+
+def test_cli_unwritable_output_is_one_error_line(tmp_path, capsys):
+    predictions_file = tmp_path / "generated_predictions.txt"
+    write_predictions(predictions_file, [{"labels": "好", "predict": "好"}])
+    assert main([str(predictions_file), "--output", str(tmp_path / "missing" / "scores.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "scores.json" in err[0]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from chatglm_ptuning import quantization
 from chatglm_ptuning.configuration import ARCH_GLM1, ARCH_GLM2
 from chatglm_ptuning.quantization import (
     QuantizedLinear,
@@ -162,6 +163,39 @@ def _dense_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 SHAPES = [(64, 48), (64, 600), (30, 20)]
 
 
+@pytest.fixture(params=[False, True], ids=["emulated-bf16", "native-bf16"])
+def cpu_bf16(request, monkeypatch):
+    """Run the test under both CPU kernel choices, whatever this machine has."""
+    monkeypatch.setattr(quantization, "_cpu_has_native_bf16", lambda: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_cpu_kernel_choice(bits, cpu_bf16, monkeypatch):
+    calls = []
+    int8pack = torch._weight_int8pack_mm
+
+    def spy(*args):
+        calls.append(args[0].shape[0])
+        return int8pack(*args)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", spy)
+    wide, narrow = _layer(bits, 64, 300), _layer(bits, 30, 300)
+    few = 8
+    for layer, rows, dtype, expected in [
+        (wide, few, torch.bfloat16, True),
+        (wide, 32, torch.bfloat16, not cpu_bf16),  # native bf16 matmuls win from 9 rows on
+        (wide, 33, torch.bfloat16, False),
+        (wide, few, torch.float32, False),  # the fp32 int8pack kernel is 10-150x slower
+        (narrow, few, torch.bfloat16, False),  # in_features must be a multiple of 64
+    ]:
+        calls.clear()
+        with torch.no_grad():
+            layer(torch.randn(rows, layer.in_features).to(dtype))
+        assert bool(calls) == expected, (layer.in_features, rows, dtype)
+        assert all(n == rows for n in calls) and len(calls) in (0, 2)  # 300 outputs: two weight blocks
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
 @pytest.mark.parametrize("rows", [1, 40])
@@ -177,7 +211,7 @@ def test_forward_fp32_matches_dense_dequantized(bits, in_features, out_features,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
 @pytest.mark.parametrize("rows", [1, 40])
-def test_forward_half_precision_matches_dense_dequantized(bits, dtype, in_features, out_features, rows):
+def test_forward_half_precision_matches_dense_dequantized(bits, dtype, in_features, out_features, rows, cpu_bf16):
     layer = _layer(bits, in_features, out_features)
     x = torch.randn(3, rows, in_features).to(dtype)
     out = layer(x)
@@ -191,7 +225,7 @@ def test_forward_half_precision_matches_dense_dequantized(bits, dtype, in_featur
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
-def test_grad_to_input_matches_dense_dequantized_weight(bits, dtype, in_features, out_features):
+def test_grad_to_input_matches_dense_dequantized_weight(bits, dtype, in_features, out_features, cpu_bf16):
     layer = _layer(bits, in_features, out_features)
     x = torch.randn(2, 5, in_features).to(dtype).requires_grad_()
     grad_out = torch.randn(2, 5, out_features)
