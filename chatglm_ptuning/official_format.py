@@ -114,10 +114,12 @@ def write_official_folder(
     fmt: str = "bin",
     num_shards: int = 1,
     torch_dtype: str = "float16",
+    name_or_path: str = "",
 ) -> Path:
     """Write config.json and weights of a model in the official layout; returns the folder."""
     folder = Path(folder)
     write_state_dict(state, folder, fmt=fmt, num_shards=num_shards)
-    config_json = json.dumps(official_config_dict(config, torch_dtype=torch_dtype), indent=2, ensure_ascii=False)
+    config_dict = official_config_dict(config, name_or_path=name_or_path, torch_dtype=torch_dtype)
+    config_json = json.dumps(config_dict, indent=2, ensure_ascii=False)
     _atomic_write(folder / "config.json", lambda p: p.write_text(config_json + "\n"))
     return folder

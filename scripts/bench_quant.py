@@ -4,7 +4,7 @@ For each weight shape [N, K] and activation row count M, times the forward and t
 forward+backward-to-input (frozen weight, as in P-tuning) of:
 dense fp32 (the baseline), dense bf16, and QuantizedLinear INT8/INT4 with fp32 and bf16
 activations. Reports the median of `--repeats` runs after one warm-up, the ratio to dense fp32
-measured in the same run, and the bytes each variant stores for the weight. Prints a Markdown
+measured in the same rounds, and the bytes each variant stores for the weight. Prints a Markdown
 table; `--output` also writes the rows as JSON.
 
     python scripts/bench_quant.py --output bench_quant.json
@@ -37,14 +37,18 @@ QUICK_ROWS = [1, 4, 40]
 MODES = ("forward", "forward+backward")
 
 
-def _median_ms(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and kernel selection
-    times = []
+def _time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """ms of each step per round; one warm-up call first. Alternating the steps within each
+    round spreads any load from other processes evenly over the variants being compared."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def _variants(in_features: int, out_features: int) -> dict[str, tuple[nn.Module, torch.dtype]]:
@@ -89,7 +93,7 @@ def _step(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
 
 
 def bench_linears(shapes: list[tuple[int, int]], rows: list[int], repeats: int) -> list[dict]:
-    """One row per (shape, M, mode, variant): median ms and ratio to dense fp32 in this run."""
+    """One row per (shape, M, mode, variant): median and min ms, and the median's ratio to dense fp32."""
     results = []
     for in_features, out_features in shapes:
         torch.manual_seed(0)
@@ -97,15 +101,16 @@ def bench_linears(shapes: list[tuple[int, int]], rows: list[int], repeats: int) 
         for m in rows:
             x = torch.randn(m, in_features)
             for mode in MODES:
-                baseline = None
-                for name, (layer, dtype) in variants.items():
-                    ms = _median_ms(_step(layer, x.to(dtype), mode), repeats)
-                    if name == "dense fp32":  # the first variant: the baseline of its group
-                        baseline = ms
+                steps = {name: _step(layer, x.to(dtype), mode) for name, (layer, dtype) in variants.items()}
+                times = _time_round_robin(steps, repeats)
+                baseline = statistics.median(times["dense fp32"])
+                for name, (layer, _) in variants.items():
+                    median = statistics.median(times[name])
                     results.append(
                         dict(
-                            K=in_features, N=out_features, M=m, mode=mode, variant=name, ms=round(ms, 3),
-                            vs_dense_fp32=round(ms / baseline, 3), weight_bytes=_weight_bytes(layer),
+                            K=in_features, N=out_features, M=m, mode=mode, variant=name, ms=round(median, 3),
+                            min_ms=round(min(times[name]), 3), vs_dense_fp32=round(median / baseline, 3),
+                            weight_bytes=_weight_bytes(layer),
                         )
                     )
     return results
@@ -113,12 +118,12 @@ def bench_linears(shapes: list[tuple[int, int]], rows: list[int], repeats: int) 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| K | N | M | mode | variant | ms (median) | x dense fp32 | weight MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| K | N | M | mode | variant | ms (median) | ms (min) | x dense fp32 | weight MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['K']} | {r['N']} | {r['M']} | {r['mode']} | {r['variant']} | {r['ms']:.2f} | "
+            f"| {r['K']} | {r['N']} | {r['M']} | {r['mode']} | {r['variant']} | {r['ms']:.2f} | {r['min_ms']:.2f} | "
             f"{r['vs_dense_fp32']:.2f} | {r['weight_bytes'] / 2**20:.2f} |"
         )
     return "\n".join(lines)

@@ -492,3 +492,22 @@ def test_real_model_prefix_grads_match_dequantized_dense(real_models, architectu
         assert grads.keys() == expected.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bench_quick_runs_and_writes_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_quant.py"
+    output = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, str(script), "--quick", "--output", str(output)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "| K | N | M | mode | variant |" in run.stdout
+    rows = json.loads(output.read_text())["linear"]
+    assert {r["variant"] for r in rows} == {"dense fp32", "dense bf16", "int8 fp32", "int8 bf16", "int4 fp32", "int4 bf16"}
+    assert all(r["ms"] > 0 and r["vs_dense_fp32"] > 0 for r in rows)
+    assert all(r["vs_dense_fp32"] == 1.0 for r in rows if r["variant"] == "dense fp32")
+    int4 = next(r for r in rows if r["variant"] == "int4 fp32")
+    assert int4["weight_bytes"] == int4["N"] * int4["K"] // 2 + int4["N"] * 4  # packed weight + fp32 scale
