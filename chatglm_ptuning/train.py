@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, 
 
 
 def _gradient_checkpointing_given(argv: list[str]) -> bool:
-    return any(a.split("=")[0] == "--gradient_checkpointing" for a in argv)
+    return any(a.split("=")[0] in ("--gradient_checkpointing", "--activation_checkpointing") for a in argv)
 
 
 def _guard_data_parallel(training_args: TrainingArguments) -> None:
@@ -128,9 +128,11 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
             quantization_bit=config.quantization_bit,
         )
         if not _gradient_checkpointing_given(argv):
-            training_args.gradient_checkpointing = True  # the reference trains P-tuning with it on
-    if training_args.gradient_checkpointing:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+            # The reference trains P-tuning with it on. Set the new name: after __post_init__ the
+            # deprecated `gradient_checkpointing` alias is only a mirror the Trainer never reads.
+            training_args.activation_checkpointing = True
+    if training_args.activation_checkpointing:
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
