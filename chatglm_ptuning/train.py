@@ -171,6 +171,11 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     training_args.generation_max_length = training_args.generation_max_length or max_length
     if data_args.num_beams is not None:
         training_args.generation_num_beams = data_args.num_beams
+    gen_kwargs = {"do_sample": data_args.do_sample, "max_length": training_args.generation_max_length}
+    if data_args.do_sample:
+        gen_kwargs.update(top_p=data_args.top_p, temperature=data_args.temperature)
+    if training_args.generation_num_beams:
+        gen_kwargs["num_beams"] = training_args.generation_num_beams
     trainer = PromptTrainer(
         model=model,
         args=training_args,
@@ -179,18 +184,13 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         processing_class=tokenizer,
         data_collator=train_collator,
         eval_collator=eval_collator,
+        generation_kwargs=gen_kwargs,
         compute_metrics=build_trainer_metrics(tokenizer, data_args.ignore_pad_token_for_loss)
         if training_args.predict_with_generate
         else None,
         prompt_settings=settings,
         callbacks=[FinalCheckpointCallback(), LossPlotCallback()],
     )
-    gen_kwargs = {"do_sample": data_args.do_sample, "max_length": training_args.generation_max_length}
-    if data_args.do_sample:
-        gen_kwargs.update(top_p=data_args.top_p, temperature=data_args.temperature)
-    if training_args.generation_num_beams:
-        gen_kwargs["num_beams"] = training_args.generation_num_beams
-    trainer._gen_kwargs = gen_kwargs
 
     if training_args.do_train:
         model.train()
@@ -204,7 +204,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         print(f"checkpoint written to {final}")
     model.eval()
     if eval_dataset is not None and training_args.do_eval:
-        metrics = trainer.evaluate(metric_key_prefix="eval", **gen_kwargs)
+        metrics = trainer.evaluate(metric_key_prefix="eval")
         metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -213,7 +213,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
 
 
 def _predict(trainer: PromptTrainer, dataset, tokenizer, training_args: TrainingArguments, gen_kwargs: dict) -> None:
-    output = trainer.predict(dataset, metric_key_prefix="predict", **gen_kwargs)
+    output = trainer.predict(dataset, metric_key_prefix="predict")
     metrics = dict(output.metrics, predict_samples=len(dataset))
     trainer.log_metrics("predict", metrics)
     trainer.save_metrics("predict", metrics)

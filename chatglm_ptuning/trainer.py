@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 from transformers import Seq2SeqTrainer, TrainerCallback
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import PromptSettings, read_prefix_checkpoint, save_prefix_checkpoint
@@ -33,10 +34,25 @@ class PromptTrainer(Seq2SeqTrainer):
     trainable parameters are gathered and saved (never the frozen backbone).
     """
 
-    def __init__(self, *args, prompt_settings: PromptSettings | None = None, eval_collator=None, **kwargs):  # noqa: ANN001
+    def __init__(
+        self,
+        *args,
+        prompt_settings: PromptSettings | None = None,
+        eval_collator=None,  # noqa: ANN001 - batches eval/predict rows (prompts + labels) when given
+        generation_kwargs: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.prompt_settings = prompt_settings
-        self.eval_collator = eval_collator  # batches eval/predict rows (prompts + labels) when given
+        self.eval_collator = eval_collator
+        self.generation_kwargs = generation_kwargs or {}  # also used by evaluations during training
+        self._staging_run_dir: str | None = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):  # noqa: ANN001
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test", **gen_kwargs):  # noqa: ANN001
+        return super().predict(test_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
         self._staging_run_dir: str | None = None
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):  # noqa: ANN001
@@ -84,9 +100,34 @@ class PromptTrainer(Seq2SeqTrainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.prompt_settings is not None and self.is_deepspeed_enabled:
             # DeepSpeed's own checkpoint would otherwise hold the whole frozen backbone.
+            from accelerate.utils import DeepSpeedSchedulerWrapper  # exported only where deepspeed is installed
+
             self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                # The Trainer's own scheduler is not in DeepSpeed's checkpoint; resuming reads this file.
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
             return
         super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_prompt_deepspeed_checkpoint(self, checkpoint: str) -> None:
+        """DeepSpeed checkpoints of a prompt run hold no frozen weights, so the module loads non-strict
+        (the Trainer loads strictly unless the model is a PEFT model)."""
+        deepspeed_load_checkpoint(self.model_wrapped, checkpoint, load_module_strict=False)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):  # noqa: ANN001
+        if self.prompt_settings is None or not self.is_deepspeed_enabled or resume_from_checkpoint is None:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        self._load_prompt_deepspeed_checkpoint(resume_from_checkpoint)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    def _load_best_model(self) -> None:
+        if self.prompt_settings is not None and self.is_deepspeed_enabled:
+            self._load_prompt_deepspeed_checkpoint(self.state.best_model_checkpoint)
+            return
+        super()._load_best_model()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # noqa: ANN001
         if self.prompt_settings is None:

@@ -147,3 +147,23 @@ def test_unsupported_file_type_is_a_usage_error(tmp_path, tiny_glm2_dir, capsys)
     args[args.index(ADGEN_TRAIN)] = str(tmp_path / "train.csv")
     assert main(args) == 2
     assert "expected a .json or .jsonl file" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_glm2_dir, capsys, monkeypatch):
+    import chatglm_ptuning.train as train_module
+    from chatglm_ptuning.trainer import LossPlotCallback
+
+    class PoisonAfterStep2(LossPlotCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if state.global_step == 2:  # step 3 starts after checkpoint-2 was saved
+                model.transformer.prefix_encoder.embedding.weight.data.fill_(float("nan"))
+
+    monkeypatch.setattr(train_module, "LossPlotCallback", PoisonAfterStep2)
+    out = tmp_path / "out"
+    code = main(_train_args(tiny_glm2_dir, out, "--max_train_samples", "8", "--max_steps", "5", "--save_steps", "2"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "loss became nan at step 3" in err and f"Last good checkpoint: {out / 'checkpoint-2'}" in err
+    state = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert torch.isfinite(state["transformer.prefix_encoder.embedding.weight"]).all()
+    assert not (out / "checkpoint-3").exists()

@@ -1,0 +1,161 @@
+"""Evaluation throughput: batched generation and metric scoring.
+
+Measures, in one run on this machine:
+- evaluation (generation through PromptTrainer.predict, greedy) at eval batch size 1 and 8 on the
+  embedded tiny model and on a mid-size ChatGLM2-shaped model with random weights: samples/s,
+  generated tokens/s, and the batch-8 / batch-1 ratio;
+- metric scoring (ROUGE-1/2/L + BLEU-4, metrics.compute_metrics) of 1,000 and 10,000 pairs, serial
+  and on every core, with the ratio.
+
+    python -m scripts.bench_eval [--quick] [--output benchmarks/bench_eval.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = REPO / "chatglm_ptuning" / "embedded"
+DEV_FILE = REPO / "data_samples" / "adgen_dev.json"
+TRAIN_FILE = REPO / "data_samples" / "adgen_train.json"
+
+
+def _mid_size_model(folder: Path, hidden: int, layers: int) -> Path:
+    """A ChatGLM2-shaped model with random weights and the embedded tokenizer, in the official layout."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from chatglm_ptuning import ChatGLMConfig
+    from chatglm_ptuning.official_format import write_official_folder
+
+    base = json.loads((EMBEDDED / "config.json").read_text())
+    fields = {k: v for k, v in base.items() if k not in ("_name_or_path", "architectures", "auto_map", "torch_dtype", "transformers_version")}
+    fields.update(hidden_size=hidden, num_layers=layers, num_attention_heads=hidden // 64, kv_channels=64,
+                  ffn_hidden_size=int(hidden * 8 / 3) // 64 * 64)
+    config = ChatGLMConfig(**fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    write_official_folder(config, model.state_dict(), folder, fmt="safetensors", torch_dtype="float32")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(EMBEDDED / name, folder / name)
+    return folder
+
+
+def _eval_dataset(tokenizer, samples: int, max_source: int, max_target: int):
+    from chatglm_ptuning.data import build_preprocess_function, load_rows
+
+    args = SimpleNamespace(
+        prompt_column="content", response_column="summary", history_column=None, max_source_length=max_source,
+        max_target_length=max_target, val_max_target_length=max_target, ignore_pad_token_for_loss=True,
+        source_prefix="", train_format=None, all_turns=False,
+    )
+    dataset = load_rows(DEV_FILE, args).to_dataset()
+    dataset = dataset.select(range(min(samples, len(dataset))))
+    mapped = dataset.map(build_preprocess_function(tokenizer, args, train=False), batched=True, batch_size=1,
+                         remove_columns=dataset.column_names)
+    return mapped.select_columns(["input_ids", "labels"])
+
+
+def bench_generation(model_dir: Path, label: str, batch_sizes: list[int], samples: int, max_new: int, max_source: int = 64) -> list[dict]:
+    from chatglm_ptuning.arguments import TrainingArguments
+    from chatglm_ptuning.collator import PromptBatchCollator
+    from chatglm_ptuning.loading import load_model
+    from chatglm_ptuning.trainer import PromptTrainer
+
+    model, tokenizer = load_model(model_dir, device="cpu", dtype=torch.float32)
+    dataset = _eval_dataset(tokenizer, samples, max_source, max_new)
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for batch_size in batch_sizes:
+        with tempfile.TemporaryDirectory() as out:
+            args = TrainingArguments(output_dir=out, per_device_eval_batch_size=batch_size, predict_with_generate=True,
+                                     report_to=[], use_cpu=True, disable_tqdm=True)
+            collator = PromptBatchCollator(tokenizer)
+            trainer = PromptTrainer(
+                model=model, args=args, processing_class=tokenizer, data_collator=collator, eval_collator=collator,
+                # A fixed answer budget per row (prompt + max_new), greedy: comparable across batch sizes.
+                generation_kwargs={"do_sample": False, "max_length": max_source + max_new},
+            )
+            start = time.perf_counter()
+            output = trainer.predict(dataset)
+            seconds = time.perf_counter() - start
+        predictions = torch.as_tensor(output.predictions)
+        generated = int(((predictions != tokenizer.pad_token_id) & (predictions != -100)).sum())
+        rows.append({
+            "model": label, "parameters": params, "batch_size": batch_size, "samples": len(dataset),
+            "seconds": round(seconds, 3), "samples_per_s": round(len(dataset) / seconds, 3),
+            "generated_tokens_per_s": round(generated / seconds, 1),
+        })
+    base = rows[0]["samples_per_s"]
+    for row in rows:
+        row["ratio_vs_batch_1"] = round(row["samples_per_s"] / base, 2)
+    return rows
+
+
+def bench_metrics(sizes: list[int]) -> list[dict]:
+    from chatglm_ptuning.metrics import compute_metrics
+
+    texts = [json.loads(line)["summary"] for line in TRAIN_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rng = random.Random(0)
+    cores = os.cpu_count() or 1
+    rows = []
+    for size in sizes:
+        predictions = [rng.choice(texts) for _ in range(size)]
+        labels = [rng.choice(texts) for _ in range(size)]
+        timings = {}
+        results = {}
+        for workers in (1, cores):
+            start = time.perf_counter()
+            results[workers] = compute_metrics(predictions, labels, workers=workers)
+            timings[workers] = time.perf_counter() - start
+        assert results[1] == results[cores], "parallel scoring must equal serial scoring"
+        rows.append({
+            "pairs": size, "serial_s": round(timings[1], 2), f"parallel_{cores}_workers_s": round(timings[cores], 2),
+            "pairs_per_s_serial": round(size / timings[1], 1), "speedup": round(timings[1] / timings[cores], 2),
+        })
+    return rows
+
+
+def _markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "bench_eval.json"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    samples, max_new = (4, 4) if args.quick else (16, 32)
+    result: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "quick": args.quick}
+    generation = bench_generation(EMBEDDED, "embedded tiny", [1, 8], samples, max_new)
+    if not args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            generation += bench_generation(_mid_size_model(Path(tmp) / "mid", 1024, 8), "mid (h1024, 8 layers)", [1, 8], samples, max_new)
+    result["generation"] = generation
+    result["metrics"] = bench_metrics([50] if args.quick else [1000, 10000])
+    print("## Evaluation (greedy generation through PromptTrainer.predict)\n")
+    print(_markdown(generation))
+    print("\n## Metric scoring\n")
+    print(_markdown(result["metrics"]))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nwritten to {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
