@@ -7,7 +7,8 @@ so official folders load unchanged. Differences from the original are in plumbin
 - activations are batch-first `[b, s, H]` (the original is sequence-first);
 - the KV cache is a transformers `Cache` (`[b, groups, seq, D]`, un-expanded groups);
 - the P-tuning v2 prefix is concatenated in front of each layer's keys/values inside attention and is
-  never written into the cache, so it survives gradient checkpointing and every generation strategy.
+  never written into the cache, so it survives gradient checkpointing and every generation strategy;
+- Prompt Tuning / P-tuning virtual tokens go first, before [gMASK, sop] (see `PrefixTuningMixin`).
 """
 
 from __future__ import annotations
@@ -325,7 +326,8 @@ class ChatGLM2Model(PrefixTuningMixin, ChatGLMPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """input_ids [b, s] (or inputs_embeds [b, s, H]); position_ids [b, s] (default: cached length + 0..s-1);
         attention_mask [b, past+s] padding mask without prefix columns. Returns hidden states [b, s, H]
-        (after the final norm) and the cache when `use_cache`."""
+        (after the final norm) and the cache when `use_cache`. With virtual input tokens every argument
+        and output counts real tokens only (`past` too); the cache holds the virtual tokens first."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if isinstance(cache, (tuple, list)):
@@ -344,21 +346,25 @@ class ChatGLM2Model(PrefixTuningMixin, ChatGLMPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         cached_length = cache.get_seq_length() if cache is not None else 0
+        real_cached = cached_length - self.virtual_tokens_in_cache(cache)
         if position_ids is None:
-            position_ids = torch.arange(cached_length, cached_length + seq_length, device=inputs_embeds.device)
+            position_ids = torch.arange(real_cached, real_cached + seq_length, device=inputs_embeds.device)
             position_ids = position_ids.expand(batch_size, -1)
 
         prefix = self.get_prefix(batch_size, inputs_embeds.dtype, cache)
         past_length = cached_length + (self.pre_seq_len if prefix is not None else 0)
         if attention_mask is not None:
-            if attention_mask.shape != (batch_size, cached_length + seq_length):
+            if attention_mask.shape != (batch_size, real_cached + seq_length):
                 raise ValueError(
-                    f"attention_mask must have shape {(batch_size, cached_length + seq_length)} "
+                    f"attention_mask must have shape {(batch_size, real_cached + seq_length)} "
                     f"(batch, cached + new tokens), found {tuple(attention_mask.shape)}"
                 )
             if prefix is not None:
                 attention_mask = torch.cat((attention_mask.new_ones(batch_size, self.pre_seq_len), attention_mask), -1)
-        full_mask = build_attention_mask(attention_mask, seq_length, past_length)
+        inputs_embeds, position_ids, attention_mask, inserted = self.add_virtual_tokens(
+            inputs_embeds, position_ids, attention_mask, cache
+        )
+        full_mask = build_attention_mask(attention_mask, inserted + seq_length, past_length)
 
         rotary = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
         hidden_states, all_hidden_states = self.encoder(
@@ -369,6 +375,10 @@ class ChatGLM2Model(PrefixTuningMixin, ChatGLMPreTrainedModel):
             cache,
             output_hidden_states=output_hidden_states,
         )
+        if inserted:  # outputs cover the real tokens only
+            hidden_states = hidden_states[:, inserted:]
+            if all_hidden_states is not None:
+                all_hidden_states = tuple(h[:, inserted:] for h in all_hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
         )
@@ -444,10 +454,15 @@ class ChatGLM2ForConditionalGeneration(ChatGLMLMBase):
         return output if return_dict else output.to_tuple()
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-        """Positions 0..n-1 on every row when generate() gets none, as the original does (left pads included).
+        """Positions when generate() gets none: 0..n-1 counted from each row's first real token.
 
-        The ChatGLM2/3 tokenizer returns position_ids (pads 0, tokens 0..n-1); pass them for padded batches.
+        Unpadded rows get 0..n-1, as in the original. For left-padded rows the original counted the
+        pads too, which makes a row's output depend on its batch; here pads get 0 and the tokens
+        0..k-1, exactly the position_ids the ChatGLM2/3 tokenizer returns.
         inputs_tensor: input_ids [b, n] or inputs_embeds [b, n, H]. Returns [b, n].
         """
         batch_size, seq_length = inputs_tensor.shape[:2]
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            return (mask.long().cumsum(-1) - 1).clamp(min=0)
         return torch.arange(seq_length, device=inputs_tensor.device).repeat(batch_size, 1)

@@ -194,13 +194,17 @@ def test_left_padded_batch_matches_single_rows(build, padded, variant):
         assert torch.equal(alone[0], batch[row, start:])
 
 
-def test_generate_without_position_ids_uses_original_positions(build, padded):
-    """No position_ids: 0..n-1 on every row, left pads included, as the original's generate did."""
+def test_generate_without_position_ids_counts_from_each_rows_first_token(build, padded):
+    """No position_ids: pads 0 and tokens 0..k-1 per row (the tokenizer's positions), so a left-padded
+    row generates what it would alone; the original counted the pads too."""
     model = build("prefix")
     ids, mask = padded["input_ids"], padded["attention_mask"]
     generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    arange = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
-    assert torch.equal(generated, greedy_loop(model, ids, mask, arange, steps=4))
+    per_row = (mask.cumsum(-1) - 1).clamp(min=0)
+    assert torch.equal(generated, greedy_loop(model, ids, mask, per_row, steps=4))
+    unpadded = torch.ones_like(ids[:1])
+    alone = model.generate(input_ids=ids[:1], attention_mask=unpadded, max_new_tokens=4, do_sample=False)
+    assert torch.equal(alone, greedy_loop(model, ids[:1], unpadded, torch.arange(ids.shape[1])[None], steps=4))
 
 
 @pytest.mark.parametrize("variant", [None, "prefix"])
