@@ -135,6 +135,24 @@ def load_model(
     folders whose tokenizer_config.json does not say. The model is returned in eval mode with
     the backbone frozen when a prefix is present.
     """
+    model = load_model_weights(
+        model_name_or_path, ptuning_checkpoint, pre_seq_len, prefix_projection, quantization_bit, device, dtype
+    )
+    tokenizer = load_tokenizer(model_name_or_path, chatglm_version)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_model_weights(
+    model_name_or_path: str | os.PathLike,
+    ptuning_checkpoint: str | os.PathLike | None = None,
+    pre_seq_len: int | None = None,
+    prefix_projection: bool | None = None,
+    quantization_bit: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> ChatGLMLMBase:
+    """`load_model` without the tokenizer: the model alone, same arguments and checks."""
     from .quantization import quantize
 
     folder = require_folder(model_name_or_path, "model")
@@ -182,9 +200,7 @@ def load_model(
             model.transformer.prefix_encoder.reset_parameters()  # a new prefix to train
     model.tie_weights()
     model.eval()
-    tokenizer = load_tokenizer(folder, chatglm_version)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return model
 
 
 def _tied_keys(model: ChatGLMLMBase) -> set[str]:

@@ -15,12 +15,12 @@ instead of 0/0 = NaN cast to int8, and q is clamped to [-(2^(bits-1)-1), 2^(bits
 
 Kernels (CPU choices measured with scripts/bench_quant.py; no dense weight is ever formed):
 - CPU, bf16 activations, few rows (<= 32; <= 8 where the CPU has native bf16):
-  `torch._weight_int8pack_mm`, 2-6x faster than a dense matmul when decoding;
-- CPU otherwise: turn blocks of 256 weight rows into floats (bf16 for bf16 activations on
-  CPUs with native bf16, else fp32), multiply block by block and scale the output, not the
-  weight. Blocks stay cache-resident, so this runs at about the speed of the dense matmul
-  of the same dtype. INT4 blocks are unpacked as [high nibbles | low nibbles] and the
-  activation columns are permuted to match, which avoids interleaving the nibbles;
+  `torch._weight_int8pack_mm`; INT8 decoding runs 2-3x faster than a dense fp32 matmul;
+- CPU otherwise: turn blocks of 256 weight rows into floats (bf16 for 9+ rows of bf16
+  activations on CPUs with native bf16, else fp32), multiply block by block and scale the
+  output, not the weight. Blocks stay cache-resident, so this runs at about the speed of
+  the dense matmul of the same dtype. INT4 blocks are unpacked as [high nibbles | low
+  nibbles] and the activation columns are permuted to match (no nibble interleaving);
 - CUDA and other devices: dequantize to the activation dtype and call F.linear (the
   official CUDA kernels also dequantize to fp16 before a dense matmul).
 Backward reaches the input only: grad_x = (grad_y * scale) @ q, block by block on CPU,
@@ -44,10 +44,11 @@ SUPPORTED_BITS = (4, 8)
 
 # CPU kernel choices (measured, see the module docstring).
 _BLOCK_ROWS = 256  # weight rows dequantized at once: 4 MiB of fp32 at in_features=4096
-# Up to this many bf16 activation rows torch._weight_int8pack_mm beats the block path; the
-# block path in native bf16 (avx512_bf16/AMX CPUs) catches up sooner than in fp32.
+# Up to this many bf16 activation rows torch._weight_int8pack_mm beats the fp32 block path.
 _INT8PACK_MAX_ROWS = 32
-_INT8PACK_MAX_ROWS_NATIVE_BF16 = 8
+# On CPUs with native bf16 (avx512_bf16/AMX) bf16 blocks win from this many rows on; below
+# it bf16 matrix-vector products are slower than int8pack (forward) and fp32 (backward).
+_NATIVE_BF16_MIN_ROWS = 9
 # torch._weight_int8pack_mm on CPU (torch 2.13) crashes or returns NaN unless in_features is a
 # multiple of 16; 64 keeps a margin for other instruction sets. Every real ChatGLM shape is.
 _INT8PACK_IN_FEATURES_MULTIPLE = 64
@@ -111,7 +112,9 @@ def _family(architecture: str) -> FamilyQuantization:
     try:
         return QUANTIZED_LINEARS[architecture]
     except KeyError:
-        raise ValueError(f"unknown ChatGLM architecture {architecture!r}; expected one of {sorted(QUANTIZED_LINEARS)}") from None
+        raise ValueError(
+            f"unknown ChatGLM architecture {architecture!r}; expected one of {sorted(QUANTIZED_LINEARS)}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,7 +145,9 @@ def _unpack_int4_halves(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_int4`: int8 [out, in/2] -> int8 [out, in] with values in [-8, 7]."""
     if packed.dim() != 2 or packed.dtype != torch.int8:
-        raise ValueError(f"unpack_int4 expects a packed int8 matrix [out, in/2], found {packed.dtype} {list(packed.shape)}")
+        raise ValueError(
+            f"unpack_int4 expects a packed int8 matrix [out, in/2], found {packed.dtype} {list(packed.shape)}"
+        )
     high, low = _unpack_int4_halves(packed)
     return torch.stack((high, low), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
@@ -159,7 +164,9 @@ def quantize_weight(
     """
     bits = _check_bits(bits)
     if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize_weight expects a floating-point matrix [out, in], found {weight.dtype} {list(weight.shape)}")
+        raise ValueError(
+            f"quantize_weight expects a floating-point matrix [out, in], found {weight.dtype} {list(weight.shape)}"
+        )
     if bits == 4 and weight.shape[1] % 2:
         raise ValueError(f"INT4 quantization needs an even number of input features, found {weight.shape[1]}")
     max_q = 2 ** (bits - 1) - 1
@@ -219,8 +226,10 @@ def _cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.bfloat16 if dtype == torch.bfloat16 and _cpu_has_native_bf16() else torch.float32
+def _cpu_block_dtype(dtype: torch.dtype, rows: int) -> torch.dtype:
+    """The dtype the block path multiplies in for `rows` activation (or gradient) rows."""
+    native = dtype == torch.bfloat16 and rows >= _NATIVE_BF16_MIN_ROWS and _cpu_has_native_bf16()
+    return torch.bfloat16 if native else torch.float32
 
 
 def _cpu_forward(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -228,7 +237,7 @@ def _cpu_forward(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
     rows, in_features = x.shape
     qweight = qweight.contiguous()
     if x.dtype == torch.bfloat16 and in_features % _INT8PACK_IN_FEATURES_MULTIPLE == 0:
-        max_rows = _INT8PACK_MAX_ROWS_NATIVE_BF16 if _cpu_has_native_bf16() else _INT8PACK_MAX_ROWS
+        max_rows = _NATIVE_BF16_MIN_ROWS - 1 if _cpu_has_native_bf16() else _INT8PACK_MAX_ROWS
         if rows <= max_rows:
             x_blocked = _to_block_order(x.contiguous(), bits)
             scale_bf16 = scale.to(torch.bfloat16)
@@ -236,7 +245,7 @@ def _cpu_forward(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
             for start, stop, block in _weight_blocks(qweight, bits):
                 out[:, start:stop] = torch._weight_int8pack_mm(x_blocked, block, scale_bf16[start:stop])
             return out
-    compute_dtype = _cpu_compute_dtype(x.dtype)
+    compute_dtype = _cpu_block_dtype(x.dtype, rows)
     x_blocked = _to_block_order(x.to(compute_dtype), bits)
     out = torch.empty(rows, qweight.shape[0], dtype=torch.float32, device=x.device)
     for start, stop, block in _weight_blocks(qweight, bits):
@@ -246,7 +255,7 @@ def _cpu_forward(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
 
 def _cpu_grad_input(grad: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """grad [M, out] @ (scale * q) -> [M, in] in fp32, on CPU; the gradient is scaled, not the weight."""
-    compute_dtype = _cpu_compute_dtype(grad.dtype)
+    compute_dtype = _cpu_block_dtype(grad.dtype, grad.shape[0])
     scaled = (grad.float() * scale.float()).to(compute_dtype)
     grad_x = torch.zeros(grad.shape[0], qweight.shape[1] * 8 // bits, dtype=torch.float32, device=grad.device)
     for start, stop, block in _weight_blocks(qweight.contiguous(), bits):
@@ -327,7 +336,7 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, bits: int, scale_dtype: torch.dtype | None = None, empty_init: bool = False
-    ) -> "QuantizedLinear":
+    ) -> QuantizedLinear:
         """Quantize `linear` (its bias is kept as is, frozen).
 
         `scale_dtype` None keeps the weight's dtype. `empty_init` builds uninitialised holders
@@ -335,7 +344,9 @@ class QuantizedLinear(nn.Module):
         """
         weight = linear.weight
         if empty_init:
-            module = cls(linear.in_features, linear.out_features, bits, bias=False, device=weight.device, dtype=weight.dtype)
+            module = cls(
+                linear.in_features, linear.out_features, bits, bias=False, device=weight.device, dtype=weight.dtype
+            )
         else:
             qweight, scale = quantize_weight(weight.detach(), bits, scale_dtype)
             module = cls(linear.in_features, linear.out_features, bits, bias=False, device="meta", dtype=scale.dtype)
@@ -366,7 +377,9 @@ def is_quantized_linear_name(architecture: str, name: str) -> bool:
     return _family(architecture).matches(name)
 
 
-def quantize_linear_state(architecture: str, name: str, tensor: torch.Tensor, bits: int) -> dict[str, torch.Tensor] | None:
+def quantize_linear_state(
+    architecture: str, name: str, tensor: torch.Tensor, bits: int
+) -> dict[str, torch.Tensor] | None:
     """Quantize one dense state-dict entry while loading.
 
     For `<linear>.weight` of a quantized linear, returns {`<linear>.weight`: int8 qweight,
@@ -403,7 +416,9 @@ def quantize(model: nn.Module, bits: int, empty_init: bool = False) -> nn.Module
     # Names only: holding the modules would keep every dense weight alive until the end.
     names = [name for name, module in model.named_modules() if family.matches(name)]
     if not names:
-        raise ValueError(f"no quantizable linear found in this {architecture!r} model; expected names like {family.linears[0]!r}")
+        raise ValueError(
+            f"no quantizable linear found in this {architecture!r} model; expected names like {family.linears[0]!r}"
+        )
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chatglm_ptuning.quantization import QuantizedLinear, _cpu_has_native_bf16  # noqa: E402
+from chatglm_ptuning.quantization import QuantizedLinear, _cpu_has_native_bf16
 
 FULL_SHAPES = [(4096, 4096), (4096, 13696)]  # (K = in_features, N = out_features)
 FULL_ROWS = [1, 16, 256]
@@ -107,11 +107,17 @@ def bench_linears(shapes: list[tuple[int, int]], rows: list[int], repeats: int) 
                 for name, (layer, _) in variants.items():
                     median = statistics.median(times[name])
                     results.append(
-                        dict(
-                            K=in_features, N=out_features, M=m, mode=mode, variant=name, ms=round(median, 3),
-                            min_ms=round(min(times[name]), 3), vs_dense_fp32=round(median / baseline, 3),
-                            weight_bytes=_weight_bytes(layer),
-                        )
+                        {
+                            "K": in_features,
+                            "N": out_features,
+                            "M": m,
+                            "mode": mode,
+                            "variant": name,
+                            "ms": round(median, 3),
+                            "min_ms": round(min(times[name]), 3),
+                            "vs_dense_fp32": round(median / baseline, 3),
+                            "weight_bytes": _weight_bytes(layer),
+                        }
                     )
     return results
 
@@ -133,7 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one run (a smoke test)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default (default: 1, stable timings)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads; 0 keeps torch's default (default: 1, stable timings)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported")
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
@@ -152,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         "linear": bench_linears(shapes, rows, repeats),
     }
     bf16 = "native" if report["native_bf16"] else "emulated"
-    print(f"torch {report['torch']}, {report['cpu_capability']} ({bf16} bf16), {report['threads']} thread(s), median of {repeats}\n")
+    print(
+        f"torch {report['torch']}, {report['cpu_capability']} ({bf16} bf16), {report['threads']} thread(s), median of {repeats}\n"
+    )
     print(markdown(report["linear"]))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

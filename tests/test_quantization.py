@@ -181,13 +181,12 @@ def test_cpu_kernel_choice(bits, cpu_bf16, monkeypatch):
 
     monkeypatch.setattr(torch, "_weight_int8pack_mm", spy)
     wide, narrow = _layer(bits, 64, 300), _layer(bits, 30, 300)
-    few = 8
     for layer, rows, dtype, expected in [
-        (wide, few, torch.bfloat16, True),
+        (wide, 8, torch.bfloat16, True),
         (wide, 32, torch.bfloat16, not cpu_bf16),  # native bf16 matmuls win from 9 rows on
         (wide, 33, torch.bfloat16, False),
-        (wide, few, torch.float32, False),  # the fp32 int8pack kernel is 10-150x slower
-        (narrow, few, torch.bfloat16, False),  # in_features must be a multiple of 64
+        (wide, 8, torch.float32, False),  # the fp32 int8pack kernel is 10-150x slower
+        (narrow, 8, torch.bfloat16, False),  # in_features must be a multiple of 64
     ]:
         calls.clear()
         with torch.no_grad():
@@ -502,11 +501,20 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_quant.py"
     output = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, str(script), "--quick", "--output", str(output)], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick", "--output", str(output)], capture_output=True, text=True, check=False
+    )
     assert run.returncode == 0, run.stderr
     assert "| K | N | M | mode | variant |" in run.stdout
     rows = json.loads(output.read_text())["linear"]
-    assert {r["variant"] for r in rows} == {"dense fp32", "dense bf16", "int8 fp32", "int8 bf16", "int4 fp32", "int4 bf16"}
+    assert {r["variant"] for r in rows} == {
+        "dense fp32",
+        "dense bf16",
+        "int8 fp32",
+        "int8 bf16",
+        "int4 fp32",
+        "int4 bf16",
+    }
     assert all(r["ms"] > 0 and r["vs_dense_fp32"] > 0 for r in rows)
     assert all(r["vs_dense_fp32"] == 1.0 for r in rows if r["variant"] == "dense fp32")
     int4 = next(r for r in rows if r["variant"] == "int4 fp32")
