@@ -18,10 +18,19 @@ import torch
 from transformers import AutoTokenizer
 from transformers.initialization import no_init_weights
 
-from .checkpoint import CheckpointError, PromptSettings, iter_weight_files, read_prefix_checkpoint, require_folder
+from .checkpoint import CheckpointError, iter_weight_files, read_checkpoint_settings, read_prefix_checkpoint, require_folder
 from .configuration import ChatGLMConfig
+from .lora import LoraOptions, add_lora, load_lora
+from .methods import (
+    MethodError,
+    apply_soft_prompt,
+    init_new_soft_prompt,
+    resolve_method,
+    soft_prompt_encoder,
+    soft_prompt_settings,
+)
 from .modeling_base import ChatGLMLMBase
-from .prompt_learning import PREFIX_KEY_PREFIX
+from .prompt_learning import SOFT_PROMPT_KEY_PREFIXES, SOFT_PROMPT_METHODS
 
 
 def default_device() -> torch.device:
@@ -49,31 +58,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def _apply_prompt_settings(
-    config: ChatGLMConfig, settings: PromptSettings | None, pre_seq_len: int | None, prefix_projection: bool | None, where: str
-) -> None:
-    """Put the prefix settings on `config`, refusing flags that contradict the checkpoint."""
-    if settings is None:
-        if pre_seq_len is not None:
-            config.pre_seq_len = pre_seq_len
-        if prefix_projection is not None:
-            config.prefix_projection = prefix_projection
-        return
-    if settings.architecture != config.architecture:
-        raise CheckpointError(
-            f"{where} was trained on a {settings.architecture!r} model but the base model is {config.architecture!r} "
-            "(ChatGLM-6B prefixes and ChatGLM2/3 prefixes are not interchangeable)"
-        )
-    if pre_seq_len is not None and pre_seq_len != settings.pre_seq_len:
-        raise CheckpointError(f"{where} has pre_seq_len {settings.pre_seq_len} but pre_seq_len {pre_seq_len} was asked for")
-    if prefix_projection is not None and bool(prefix_projection) != settings.prefix_projection:
-        raise CheckpointError(
-            f"{where} has prefix_projection {settings.prefix_projection} but prefix_projection {bool(prefix_projection)} was asked for"
-        )
-    config.pre_seq_len = settings.pre_seq_len
-    config.prefix_projection = settings.prefix_projection
 
 
 def _ignored_unexpected(model: ChatGLMLMBase, key: str) -> bool:
@@ -125,18 +109,39 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     chatglm_version: int | None = None,
+    method: str | None = None,
+    encoder_type: str | None = None,
+    encoder_hidden_size: int | None = None,
+    lora_options: LoraOptions | None = None,
 ):
-    """Load a ChatGLM model folder (and optionally a prefix checkpoint) for use or training.
+    """Load a ChatGLM model folder (and optionally a method checkpoint) for use or training.
 
-    Returns (model, tokenizer). The prefix settings come from the prefix checkpoint when given
-    (flags that contradict it are an error), else from the flags, else from config.json.
+    Returns (model, tokenizer). `ptuning_checkpoint` is a checkpoint of any method (checkpoint.METHODS):
+    a soft prompt (this toolkit's or an official P-tuning v2 one), a LoRA adapter, or a fully
+    fine-tuned model (which then replaces the base weights). `method` None takes the checkpoint's
+    method, else ptuning_v2 when `pre_seq_len` is given, else the model as its folder describes it;
+    a method other than the checkpoint's is an error. The settings come from the checkpoint (flags
+    that contradict it are an error), else from the flags: `pre_seq_len` virtual tokens,
+    `prefix_projection` (ptuning_v2), `encoder_type` "lstm"/"mlp" (ptuning), `encoder_hidden_size`
+    (prefix_tuning, ptuning), `lora_options` (a new LoRA adapter).
     `quantization_bit` 4/8 quantizes a dense checkpoint while loading; a pre-quantized one
     loads as it is. `chatglm_version` (2 or 3) picks the ChatGLM2 or ChatGLM3 tokenizer for
     folders whose tokenizer_config.json does not say. The model is returned in eval mode with
-    the backbone frozen when a prefix is present.
+    the backbone frozen for every method but full; with lora it is PEFT's PeftModel around the
+    ChatGLM model (which still has `chat()`, `generate()` and `config`).
     """
     model = load_model_weights(
-        model_name_or_path, ptuning_checkpoint, pre_seq_len, prefix_projection, quantization_bit, device, dtype
+        model_name_or_path,
+        ptuning_checkpoint,
+        pre_seq_len,
+        prefix_projection,
+        quantization_bit,
+        device,
+        dtype,
+        method=method,
+        encoder_type=encoder_type,
+        encoder_hidden_size=encoder_hidden_size,
+        lora_options=lora_options,
     )
     tokenizer = load_tokenizer(model_name_or_path, chatglm_version)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -151,54 +156,74 @@ def load_model_weights(
     quantization_bit: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    method: str | None = None,
+    encoder_type: str | None = None,
+    encoder_hidden_size: int | None = None,
+    lora_options: LoraOptions | None = None,
 ) -> ChatGLMLMBase:
     """`load_model` without the tokenizer: the model alone, same arguments and checks."""
-    from .quantization import quantize
-
-    folder = require_folder(model_name_or_path, "model")
+    where = f"checkpoint {ptuning_checkpoint}"
+    settings = read_checkpoint_settings(ptuning_checkpoint) if ptuning_checkpoint is not None else None
+    method = resolve_method(method, settings, pre_seq_len, where)
+    # A full fine-tuning checkpoint is a whole model in the official layout: it replaces the base.
+    folder = require_folder(ptuning_checkpoint if method == "full" and settings else model_name_or_path, "model")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json: not a model folder")
     config = ChatGLMConfig.from_pretrained(folder)
-    settings = None
     prefix_state: dict[str, torch.Tensor] = {}
-    if ptuning_checkpoint is not None:
-        prefix_state, settings = read_prefix_checkpoint(ptuning_checkpoint)
-    _apply_prompt_settings(config, settings, pre_seq_len, prefix_projection, f"P-tuning checkpoint {ptuning_checkpoint}")
+    if method in SOFT_PROMPT_METHODS:
+        if settings is not None:
+            prefix_state, settings = read_prefix_checkpoint(ptuning_checkpoint)
+        elif pre_seq_len is None and config.pre_seq_len:  # the folder holds its own prompt (old full-model P-tuning)
+            pre_seq_len = config.pre_seq_len
+        settings = soft_prompt_settings(
+            config.architecture, settings, method, pre_seq_len, prefix_projection, encoder_type, encoder_hidden_size, where
+        )
+        apply_soft_prompt(config, settings)
+    elif pre_seq_len is not None or prefix_projection or encoder_type is not None or encoder_hidden_size is not None:
+        raise MethodError(
+            f"pre_seq_len, prefix_projection, encoder_type and encoder_hidden_size apply to the soft-prompt methods "
+            f"({', '.join(SOFT_PROMPT_METHODS)}), not to {method}"
+        )
+    elif method == "lora" and settings is not None and settings.architecture not in (None, config.architecture):
+        raise CheckpointError(
+            f"{where} was trained on a {settings.architecture!r} model but the base model is {config.architecture!r}"
+        )
 
     stored_bits = config.quantization_bit
-    bits = stored_bits if quantization_bit is None else int(quantization_bit)
-    if bits not in (0, 4, 8):
-        raise ValueError(f"quantization_bit must be 4 or 8 (or None), found {quantization_bit!r}")
+    if quantization_bit is not None and (isinstance(quantization_bit, bool) or quantization_bit not in (4, 8)):
+        raise ValueError(f"quantization_bit must be 4 or 8 (or None for none), found {quantization_bit!r}")
+    bits = stored_bits if quantization_bit is None else quantization_bit
     if stored_bits and bits != stored_bits:
         raise CheckpointError(f"{folder} is already quantized to INT{stored_bits}; it cannot be loaded as INT{bits or 16}")
 
     device = torch.device(device) if device is not None else default_device()
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype(device))
 
-    # Build empty: no initialisation, so untouched memory is never committed; quantized
-    # layers are created as packed holders before any weight arrives.
-    config.quantization_bit = 0
+    # Build empty: no initialisation, so untouched memory is never committed; with
+    # quantization_bit set the model builds its quantized layers as packed holders.
+    config.quantization_bit = bits
     with no_init_weights(), _default_dtype(dtype), device:
         model = _model_class(config)(config)
-        if bits:
-            quantize(model, bits, empty_init=True)
     if config.pre_seq_len:
-        model.transformer.prefix_encoder.float()  # the prefix stays fp32 whatever the backbone dtype
+        soft_prompt_encoder(model).float()  # the prompt stays fp32 whatever the backbone dtype
     filled = _stream_weights(model, folder, bits)
 
-    missing = [k for k in model.state_dict() if k not in filled and not k.startswith(PREFIX_KEY_PREFIX)]
+    missing = [k for k in model.state_dict() if k not in filled and not k.startswith(SOFT_PROMPT_KEY_PREFIXES)]
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{folder}: the checkpoint lacks weights the model needs: {shown}")
 
     if config.pre_seq_len:
-        prefix_loaded = filled & {k for k in model.state_dict() if k.startswith(PREFIX_KEY_PREFIX)}
+        prefix_loaded = filled & {k for k in model.state_dict() if k.startswith(SOFT_PROMPT_KEY_PREFIXES)}
         if prefix_state:
             _load_prefix(model, prefix_state, ptuning_checkpoint)
         elif not prefix_loaded:
-            model.transformer.prefix_encoder.reset_parameters()  # a new prefix to train
+            init_new_soft_prompt(model)  # a new prompt to train
     model.tie_weights()
+    if method == "lora":
+        model = load_lora(model, ptuning_checkpoint) if ptuning_checkpoint is not None else add_lora(model, lora_options)
     model.eval()
     return model
 

@@ -135,6 +135,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_accuracy(models: dict[str, Path], texts: list[str]) -> list[dict]:
+    """Logits of INT8/INT4 against the same model in fp32: max |diff| and top-1 agreement."""
+    from chatglm_ptuning.loading import load_model, load_model_weights
+
+    rows = []
+    for label, folder in models.items():
+        dense, tokenizer = load_model(folder, device="cpu", dtype=torch.float32)
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            reference = dense(**batch).logits[real]
+        for bits in (8, 4):
+            model = load_model_weights(folder, quantization_bit=bits, device="cpu", dtype=torch.float32)
+            with torch.no_grad():
+                logits = model(**batch).logits[real]
+            rows.append({
+                "model": label, "bits": bits, "positions": int(real.sum()),
+                "max_abs_diff": round(float((logits - reference).abs().max()), 4),
+                "logit_range": round(float(reference.max() - reference.min()), 2),
+                "top1_agreement": round(float((logits.argmax(-1) == reference.argmax(-1)).float().mean()), 4),
+            })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one run (a smoke test)")
@@ -146,6 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported")
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--accuracy", action="store_true", help="add INT8/INT4 vs fp32 logits on the embedded and a mid-size model")
+    parser.add_argument(
+        "--model-memory", action="store_true",
+        help="add 6B-shape loading/training memory (writes ~12 GiB synthetic checkpoints per architecture; minutes)",
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/chatglm-bench-6b"), help="where --model-memory writes")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,10 +195,37 @@ def main(argv: list[str] | None = None) -> dict:
         f"torch {report['torch']}, {report['cpu_capability']} ({bf16} bf16), {report['threads']} thread(s), median of {repeats}\n"
     )
     print(markdown(report["linear"]))
+    if args.accuracy:
+        report["accuracy"] = _accuracy_section(args.quick)
+        print("\n" + table(report["accuracy"]))
+    if args.model_memory:
+        from scripts.bench_model_memory import bench_model_memory
+
+        report["model_memory"] = bench_model_memory(["chatglm2", "chatglm"], [4, 8], args.workdir)
+        print("\n" + table(report["model_memory"]))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2))
     return report
+
+
+def _accuracy_section(quick: bool) -> list[dict]:
+    import tempfile
+
+    from scripts.bench_eval import EMBEDDED, TRAIN_FILE, _mid_size_model
+
+    texts = [json.loads(line)["content"] for line in TRAIN_FILE.read_text(encoding="utf-8").splitlines()[:4 if quick else 16]]
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {"embedded tiny (trained)": EMBEDDED}
+        if not quick:
+            models["mid h1024 x 8 layers (random)"] = _mid_size_model(Path(tmp) / "mid", 1024, 8)
+        return bench_accuracy(models, texts)
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows])
 
 
 if __name__ == "__main__":
