@@ -11,7 +11,8 @@ from pathlib import Path
 
 from transformers import Seq2SeqTrainingArguments
 
-METHODS = ("ptuning_v2", "prefix_tuning", "prompt_tuning", "ptuning", "lora", "full")
+from .checkpoint import METHODS
+from .prompt_learning import ENCODER_TYPES, PREFIX_TUNING_HIDDEN_SIZE
 _UNUSED = "Accepted for compatibility with the reference recipe; not used."
 
 
@@ -19,7 +20,20 @@ _UNUSED = "Accepted for compatibility with the reference recipe; not used."
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Local ChatGLM model folder (config.json, weights, tokenizer)."})
     ptuning_checkpoint: str | None = field(
-        default=None, metadata={"help": "Prefix checkpoint folder to load (this toolkit's or the official pytorch_model.bin)."}
+        default=None,
+        metadata={
+            "help": "Checkpoint folder of any method to load: a soft prompt (this toolkit's or the official "
+            "pytorch_model.bin), a LoRA adapter, or a fully fine-tuned model."
+        },
+    )
+    method: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tuning method: ptuning_v2 (deep prefix), prefix_tuning (deep prefix through an MLP), prompt_tuning "
+            "(input embeddings), ptuning (input tokens from an LSTM/MLP encoder), lora (PEFT), full. Default: the "
+            "checkpoint's method; ptuning_v2 when --pre_seq_len is given; full otherwise (the reference's fine-tuning).",
+            "choices": list(METHODS),
+        },
     )
     config_name: str | None = field(default=None, metadata={"help": _UNUSED})
     tokenizer_name: str | None = field(default=None, metadata={"help": _UNUSED})
@@ -33,6 +47,24 @@ class ModelArguments:
     )
     pre_seq_len: int | None = field(default=None, metadata={"help": "Number of virtual prefix positions (P-tuning v2)."})
     prefix_projection: bool = field(default=False, metadata={"help": "Reparameterise the prefix through a two-layer MLP."})
+    encoder_type: str | None = field(
+        default=None,
+        metadata={"help": "--method ptuning: prompt encoder, lstm (biLSTM + MLP, default) or mlp.", "choices": list(ENCODER_TYPES)},
+    )
+    encoder_hidden_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"--method prefix_tuning / ptuning: width of the prompt encoder's MLP (default "
+            f"{PREFIX_TUNING_HIDDEN_SIZE} / the model's hidden size)."
+        },
+    )
+    lora_rank: int = field(default=8, metadata={"help": "--method lora: rank r of the adapters."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "--method lora: the update is scaled by alpha / rank."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "--method lora: dropout on the adapter input."})
+    lora_target_modules: str = field(
+        default="query_key_value",
+        metadata={"help": "--method lora: comma-separated module-name suffixes to adapt (e.g. query_key_value,dense)."},
+    )
     chatglm_version: int | None = field(
         default=None, metadata={"help": "2 or 3: which ChatGLM2/ChatGLM3 tokenizer, when the model folder does not say."}
     )

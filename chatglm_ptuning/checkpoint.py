@@ -1,4 +1,4 @@
-"""Reading checkpoint folders: official shards in, prefix-only checkpoints in and out.
+"""Reading checkpoint folders: official shards in, method checkpoints (soft prompts) in and out.
 
 Weights are read with `safetensors` or `torch.load(weights_only=True)` only, one file at a
 time, so a quantized model can be built while the shards stream past (`loading.py`).
@@ -17,10 +17,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration import ARCH_GLM1, ARCH_GLM2, detect_architecture
-from .prompt_learning import PREFIX_KEY_PREFIX
+from .prompt_learning import (
+    ENCODER_TYPES,
+    PREFIX_KEY_PREFIX,
+    SOFT_PROMPT_KEY_PREFIXES,
+    SOFT_PROMPT_METHODS,
+)
 
-SETTINGS_FILE = "ptuning_config.json"  # the settings a prompt checkpoint carries beside its weights
+SETTINGS_FILE = "ptuning_config.json"  # the settings a method checkpoint carries beside its weights
 PREFIX_WEIGHTS_FILE = "model.safetensors"
+LORA_CONFIG_FILE = "adapter_config.json"  # PEFT's adapter settings (a LoRA checkpoint)
+# Every tuning method; the soft-prompt ones first (prompt_learning.py), then LoRA (PEFT) and full fine-tuning.
+METHODS = SOFT_PROMPT_METHODS + ("lora", "full")
 
 # Weight files in the order they are looked for: newer transformers write safetensors.
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -84,15 +92,39 @@ def iter_weight_files(folder: str | os.PathLike) -> Iterator[tuple[Path, dict[st
 
 @dataclass
 class PromptSettings:
-    """What a prompt (prefix) checkpoint needs to be loaded back without repeating flags."""
+    """What a method checkpoint needs to be loaded back without repeating flags (`ptuning_config.json`).
 
-    architecture: str  # "chatglm" (ChatGLM-6B) or "chatglm2" (ChatGLM2/3)
-    pre_seq_len: int
-    prefix_projection: bool
-    method: str = "ptuning_v2"
+    One format for every method; the soft-prompt fields (pre_seq_len, prefix_projection,
+    encoder_type, encoder_hidden_size) stay at their defaults for lora and full. Files written
+    before `method` and the encoder fields existed read as P-tuning v2.
+    """
+
+    architecture: str | None  # "chatglm" (ChatGLM-6B) or "chatglm2" (ChatGLM2/3); None: unknown (a bare PEFT folder)
+    pre_seq_len: int | None = None  # virtual tokens of a soft-prompt method
+    prefix_projection: bool = False  # MLP reparameterisation (ptuning_v2: optional; prefix_tuning: always)
+    method: str = "ptuning_v2"  # one of METHODS
     base_model: str | None = None
     family: str | None = None  # "chatglm", "chatglm2" or "chatglm3" (the tokenizer/template family)
     quantization_bit: int = 0
+    encoder_type: str | None = None  # ptuning's prompt encoder: "lstm" or "mlp"
+    encoder_hidden_size: int | None = None  # prefix_tuning / ptuning encoder width (None: the method's default)
+
+    def check(self, where: str) -> "PromptSettings":
+        """Raise a CheckpointError naming `where` when the fields do not fit together; returns self."""
+        if self.method not in METHODS:
+            raise CheckpointError(f"{where}: method must be one of {', '.join(METHODS)}, found {self.method!r}")
+        soft = self.method in SOFT_PROMPT_METHODS
+        if soft and (not isinstance(self.pre_seq_len, int) or self.pre_seq_len <= 0):
+            raise CheckpointError(f"{where}: method {self.method} needs pre_seq_len > 0, found {self.pre_seq_len!r}")
+        if not soft and self.pre_seq_len:
+            raise CheckpointError(f"{where}: pre_seq_len applies to soft-prompt methods, not to {self.method}")
+        if self.encoder_type is not None and (self.method != "ptuning" or self.encoder_type not in ENCODER_TYPES):
+            raise CheckpointError(
+                f"{where}: encoder_type {self.encoder_type!r} needs method ptuning and one of {ENCODER_TYPES}"
+            )
+        if self.encoder_hidden_size is not None and self.method not in ("prefix_tuning", "ptuning"):
+            raise CheckpointError(f"{where}: encoder_hidden_size applies to prefix_tuning and ptuning, not to {self.method}")
+        return self
 
     def save(self, folder: Path) -> None:
         text = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
@@ -106,15 +138,21 @@ class PromptSettings:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
-        missing = [name for name in ("architecture", "pre_seq_len", "prefix_projection") if name not in raw]
+        required = ["architecture"]
+        if raw.get("method", "ptuning_v2") in SOFT_PROMPT_METHODS:
+            required += ["pre_seq_len", "prefix_projection"]
+        missing = [name for name in required if name not in raw]
         if missing:
             raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return cls(**{k: v for k, v in raw.items() if k in known}).check(str(path))
 
 
 def save_prefix_checkpoint(state: dict[str, torch.Tensor], folder: str | os.PathLike, settings: PromptSettings) -> Path:
-    """Write prefix tensors (official key names, fp32) as safetensors plus the settings file.
+    """Write soft-prompt tensors (full key names, official ones for a prefix; fp32) as safetensors
+    plus the settings file.
 
     The weights go to a temporary name and are renamed, and the settings file is written last,
     so a folder with a settings file always has complete weights.
@@ -162,21 +200,48 @@ def _architecture_from_prefix(state: dict[str, torch.Tensor]) -> str:
     return ARCH_GLM2
 
 
-def read_prefix_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PromptSettings]:
-    """Prefix tensors (official names) and settings of a prefix checkpoint, in either format.
+def read_checkpoint_settings(path: str | os.PathLike) -> PromptSettings:
+    """The settings of a checkpoint folder of any method, without reading large weights.
 
-    Accepts this toolkit's folders (model.safetensors + ptuning_config.json) and the official
-    ones (pytorch_model.bin holding `transformer.prefix_encoder.*`, config.json beside it),
-    and older official full-model checkpoints (whose weights include the prefix).
+    This toolkit's folders carry `ptuning_config.json`; a bare PEFT folder (`adapter_config.json`)
+    is a LoRA checkpoint; anything else must be an official P-tuning v2 checkpoint, whose settings
+    come from its prefix tensors and config.json.
+    """
+    folder = require_folder(path, "checkpoint")
+    if (folder / SETTINGS_FILE).is_file():
+        return PromptSettings.load(folder / SETTINGS_FILE)
+    if (folder / LORA_CONFIG_FILE).is_file():
+        try:
+            adapter = json.loads((folder / LORA_CONFIG_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{folder / LORA_CONFIG_FILE}: invalid JSON ({err})") from None
+        return PromptSettings(None, method="lora", base_model=adapter.get("base_model_name_or_path"))
+    return read_prefix_checkpoint(folder)[1]
+
+
+def read_prefix_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PromptSettings]:
+    """Soft-prompt tensors (full names) and settings of a soft-prompt checkpoint, in either format.
+
+    Accepts this toolkit's folders (model.safetensors + ptuning_config.json, any soft-prompt
+    method) and the official P-tuning v2 ones (pytorch_model.bin holding
+    `transformer.prefix_encoder.*`, config.json beside it), and older official full-model
+    checkpoints (whose weights include the prefix).
     """
     folder = require_folder(path, "P-tuning checkpoint")
+    settings_path = folder / SETTINGS_FILE
+    settings = PromptSettings.load(settings_path) if settings_path.is_file() else None
+    if settings is not None and settings.method not in SOFT_PROMPT_METHODS:
+        raise CheckpointError(f"{settings_path}: this is a {settings.method} checkpoint, not a soft-prompt (P-tuning) one")
     state: dict[str, torch.Tensor] = {}
     for _, shard in iter_weight_files(folder):
-        state.update({k: v for k, v in shard.items() if k.startswith(PREFIX_KEY_PREFIX)})
+        state.update({k: v for k, v in shard.items() if k.startswith(SOFT_PROMPT_KEY_PREFIXES)})
     if not state:
-        raise CheckpointError(f"{folder}: its weights hold no '{PREFIX_KEY_PREFIX}*' tensors: not a P-tuning checkpoint")
-    settings_path = folder / SETTINGS_FILE
-    settings = PromptSettings.load(settings_path) if settings_path.is_file() else _settings_from_official(folder, state)
+        raise CheckpointError(
+            f"{folder}: its weights hold no '{PREFIX_KEY_PREFIX}*' tensors: not a P-tuning checkpoint "
+            "(a fully fine-tuned model folder is loaded as the model itself)"
+        )
+    if settings is None:
+        settings = _settings_from_official(folder, state)
     if settings.architecture not in (ARCH_GLM1, ARCH_GLM2):
         raise CheckpointError(f"{settings_path}: architecture must be {ARCH_GLM1!r} or {ARCH_GLM2!r}, found {settings.architecture!r}")
     return state, settings

@@ -60,6 +60,11 @@ class ChatGLMConfig(PreTrainedConfig):
     quantization_bit: int = 0  # 0 = dense; 4 or 8 = weight-only quantized linears (official packed layout)
     pre_seq_len: int | None = None  # P-tuning v2 prefix length; None = no prefix
     prefix_projection: bool = False  # MLP reparameterisation of the prefix (official flag name)
+    # Which soft prompt the pre_seq_len virtual tokens are (prompt_learning.py): ptuning_v2 and
+    # prefix_tuning add keys/values at every layer, prompt_tuning and ptuning add input tokens.
+    prompt_method: str = "ptuning_v2"
+    prompt_encoder_type: str = "lstm"  # ptuning's prompt encoder: "lstm" (biLSTM + MLP) or "mlp"
+    prompt_encoder_hidden_size: int | None = None  # MLP/LSTM width of prefix_tuning/ptuning (None: their default)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "ChatGLMConfig":
         if cls is ChatGLMConfig:

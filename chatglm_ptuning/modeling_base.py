@@ -1,5 +1,6 @@
-"""What both ChatGLM architectures share: the PreTrainedModel base, the P-tuning v2 prefix
-plumbing (build, freeze, compute once per generation) and weight initialisation.
+"""What both ChatGLM architectures share: the PreTrainedModel base, the soft-prompt plumbing
+(P-tuning v2 / Prefix-Tuning prefixes computed once per generation; Prompt Tuning / P-tuning
+virtual input tokens with their positions and masks), freezing and weight initialisation.
 
 Family files (`modeling_chatglm.py`, `modeling_chatglm2.py`) hold only their architecture.
 """
@@ -14,7 +15,18 @@ from transformers.cache_utils import Cache
 
 from .chat import ChatMixin
 from .configuration import ChatGLMConfig
-from .prompt_learning import PREFIX_DROPOUT, PREFIX_KEY_PREFIX, PrefixEncoder, PrefixKeyValues, prefix_key_values
+from .prompt_learning import (
+    INPUT_PROMPT_METHODS,
+    KV_PREFIX_METHODS,
+    PREFIX_DROPOUT,
+    SOFT_PROMPT_KEY_PREFIXES,
+    SOFT_PROMPT_METHODS,
+    PrefixEncoder,
+    PrefixKeyValues,
+    build_input_prompt_encoder,
+    input_prompt_embeddings,
+    prefix_key_values,
+)
 
 # Attribute under which the computed prefix rides on a generation cache: the prefix is computed
 # once per generate() call instead of once per decoding step.
@@ -28,7 +40,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _keep_in_fp32_modules = ["prefix_encoder"]
+    _keep_in_fp32_modules = ["prefix_encoder", "prompt_encoder"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -41,21 +53,87 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
 
 class PrefixTuningMixin:
-    """Adds the P-tuning v2 prefix to an inner ChatGLM model (the module named `transformer`).
+    """Adds the soft prompt of `config.prompt_method` to an inner ChatGLM model (the module named
+    `transformer`): a layer-level prefix (`prefix_encoder`) or virtual input tokens (`prompt_encoder`).
 
     The host must set `self.num_layers` before calling `_init_prefix` and call it after every
     backbone module is built (the official parameter order: backbone, then prefix encoder).
+
+    Virtual input tokens come first in the sequence, before any left padding: in ChatGLM-6B that
+    puts them inside the bidirectional context (before [gMASK]), in ChatGLM2/3 before [gMASK, sop],
+    where Prompt Tuning puts its prompt in front of any input. They take the positions 0..P-1, and
+    every real token's position moves up by P (ChatGLM-6B: the first row of its 2D positions; its
+    block positions count from <sop> and do not move). Callers keep real-token coordinates
+    throughout (position_ids, attention_mask, labels and outputs never contain the virtual tokens):
+    the model inserts them on a forward that starts a sequence, and on a forward that continues a
+    cache (which then holds them first) it shifts the given positions and opens the P cached columns.
+    The family supplies the hook: `shift_positions` / `virtual_position_ids` (1D by default here).
     """
 
     pre_seq_len: int | None
 
     def _init_prefix(self, config: ChatGLMConfig) -> None:
         self.pre_seq_len = config.pre_seq_len
+        self.prompt_method = config.prompt_method
         self.prefix_num_kv_heads = config.num_kv_heads
         self.prefix_head_dim = config.head_dim
-        if config.pre_seq_len:
+        if not config.pre_seq_len:
+            return
+        if config.prompt_method not in SOFT_PROMPT_METHODS:
+            raise ValueError(f"prompt_method must be one of {SOFT_PROMPT_METHODS}, found {config.prompt_method!r}")
+        if config.prompt_method in KV_PREFIX_METHODS:
             self.prefix_encoder = PrefixEncoder.from_config(config)
             self.dropout = nn.Dropout(PREFIX_DROPOUT)
+        else:
+            self.prompt_encoder = build_input_prompt_encoder(config)
+
+    @property
+    def has_input_prompt(self) -> bool:
+        """Whether virtual tokens are inserted at the input (Prompt Tuning, P-tuning)."""
+        return bool(self.pre_seq_len) and self.prompt_method in INPUT_PROMPT_METHODS
+
+    def virtual_tokens_in_cache(self, cache: Cache | None) -> int:
+        """P when `cache` continues a sequence this model started (its first P entries are the
+        virtual tokens), else 0."""
+        if not self.has_input_prompt or cache is None or cache.get_seq_length() == 0:
+            return 0
+        return self.pre_seq_len
+
+    def shift_positions(self, position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+        """Real-token positions [b, s] moved up past `offset` virtual tokens."""
+        return position_ids + offset
+
+    def virtual_position_ids(self, batch_size: int, count: int, like: torch.Tensor) -> torch.Tensor:
+        """Positions of `count` virtual tokens at the start: [b, count] = 0..count-1."""
+        return torch.arange(count, dtype=like.dtype, device=like.device).expand(batch_size, count)
+
+    def add_virtual_tokens(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """Put the virtual tokens in front of a forward's inputs (see the class docstring).
+
+        inputs_embeds [b, s, H], position_ids (real tokens, [b, s] or the family's shape),
+        padding_mask [b, cached real + s] (1 = token) or None. Returns the embeddings [b, n + s, H],
+        positions, padding mask (P ones in front) and n: P when the tokens were inserted here, 0 on
+        a forward that continues a cache, or without an input-level prompt (inputs unchanged).
+        """
+        if not self.has_input_prompt:
+            return inputs_embeds, position_ids, padding_mask, 0
+        count = self.pre_seq_len
+        batch_size = inputs_embeds.shape[0]
+        position_ids = self.shift_positions(position_ids, count)
+        if padding_mask is not None:
+            padding_mask = torch.cat((padding_mask.new_ones(batch_size, count), padding_mask), dim=-1)
+        if self.virtual_tokens_in_cache(cache):
+            return inputs_embeds, position_ids, padding_mask, 0
+        prompt = input_prompt_embeddings(self.prompt_encoder, batch_size, inputs_embeds.dtype)
+        inputs_embeds = torch.cat((prompt.to(inputs_embeds.device), inputs_embeds), dim=1)
+        position_ids = torch.cat((self.virtual_position_ids(batch_size, count, position_ids), position_ids), dim=-1)
+        return inputs_embeds, position_ids, padding_mask, count
 
     def get_prefix(self, batch_size: int, dtype: torch.dtype, cache: Cache | None = None) -> PrefixKeyValues | None:
         """Per-layer prefix keys/values [b, N, P, D], or None without a prefix.
@@ -63,7 +141,7 @@ class PrefixTuningMixin:
         Under generation (a cache and no autograd) the result is stored on the cache, so every
         decoding step after the first reuses it.
         """
-        if not self.pre_seq_len:
+        if not self.pre_seq_len or self.prompt_method not in KV_PREFIX_METHODS:
             return None
         reusable = cache is not None and not torch.is_grad_enabled() and not self.training
         if reusable:
@@ -85,9 +163,10 @@ class PrefixTuningMixin:
 
 
 def freeze_backbone_for_prefix(model: nn.Module) -> None:
-    """With a prefix, train only `transformer.prefix_encoder.*` (the original freezes the rest)."""
+    """With a soft prompt, train only its encoder (`transformer.prefix_encoder.*` or
+    `transformer.prompt_encoder.*`); the original freezes the rest."""
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(PREFIX_KEY_PREFIX))
+        param.requires_grad_(name.startswith(SOFT_PROMPT_KEY_PREFIXES))
 
 
 class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
@@ -96,6 +175,12 @@ class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
     def _finish_init(self) -> None:
         """Call at the end of the family's __init__."""
         self.post_init()
+        if self.config.quantization_bit:
+            # Official pre-quantized folders say so in config.json: build the packed holders
+            # their state dict loads into (as the original model quantizes itself in __init__).
+            from .quantization import quantize
+
+            quantize(self, self.config.quantization_bit, empty_init=True)
         if self.config.pre_seq_len:
             freeze_backbone_for_prefix(self)
 
@@ -110,5 +195,6 @@ class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
         return loaded
 
     def prefix_state_dict(self) -> dict[str, torch.Tensor]:
-        """The prefix encoder's tensors under their official names (empty without a prefix)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(PREFIX_KEY_PREFIX)}
+        """The soft-prompt encoder's tensors under their full names (official ones for the prefix
+        encoder); empty without a soft prompt."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(SOFT_PROMPT_KEY_PREFIXES)}

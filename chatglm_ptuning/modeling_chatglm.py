@@ -13,6 +13,9 @@ Deliberate differences from the original, each for a reason:
   checkpointing (transformers drops caches there).
 - bf16: rotary tables are computed in fp32 and cast. The original computes them in the dtype of its
   inv_freq buffer, which in bf16 rounds every position above 256.
+- Prompt Tuning / P-tuning virtual tokens (not in the original) go first, inside the bidirectional
+  context before [gMASK]: position row 0 gives them 0..P-1 and moves every real token up by P, block
+  positions (row 1) are 0 for them and unchanged for the rest (see `PrefixTuningMixin`).
 - position_encoding_2d=False: positions follow the original's evident intent (tokens from <sop> on
   take the [MASK] position, only when [MASK] rather than [gMASK] is used); its code indexes the
   batch dimension there by mistake.
@@ -37,6 +40,7 @@ from transformers.modeling_outputs import (
 from .configuration import ChatGLM6BConfig
 from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
 
+VIRTUAL_TOKEN_ID = -1  # stands for a virtual input token where the mask is derived from ids; never embedded
 MASK_FILL = -10000.0  # the original fills blocked scores with this (not -inf) before the layer coefficient
 # Residual scale sqrt(2L) with L = 28: the original never passes num_layers to its blocks, whose default
 # is 28, so every config (tiny test ones included) uses sqrt(56).
@@ -399,6 +403,53 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
             block_mask = glm_attention_mask(input_ids, self.config.bos_token_id, padding_mask, past_length)
         return position_ids, block_mask
 
+    def shift_positions(self, position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+        """Move real tokens past `offset` leading virtual tokens: 2D [b, 2, s] shifts row 0 only
+        (block positions count from <sop>); 1D [b, s] shifts all."""
+        if position_ids.dim() == 3:
+            return torch.cat((position_ids[:, :1] + offset, position_ids[:, 1:]), dim=1)
+        return position_ids + offset
+
+    def virtual_position_ids(self, batch_size: int, count: int, like: torch.Tensor) -> torch.Tensor:
+        """Virtual tokens are context tokens: positions 0..count-1, block position 0 ([b, 2, count] or [b, count])."""
+        steps = super().virtual_position_ids(batch_size, count, like)
+        return torch.stack((steps, torch.zeros_like(steps)), dim=1) if like.dim() == 3 else steps
+
+    def _insert_virtual_tokens(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+        cache: Cache | None,
+        past_length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """Make positions explicit for the real tokens, then add the virtual tokens in front.
+
+        A 4D tokenizer mask is read as its padding mask (the block structure is derived from the ids
+        again, with the virtual tokens in the context). Returns (ids with VIRTUAL_TOKEN_ID in front,
+        positions, padding mask [b, past + n + s] or None, embeddings [b, n + s, H], n inserted).
+        """
+        if input_ids is None:
+            raise ValueError(
+                "with virtual input tokens (prompt_tuning, ptuning) ChatGLM-6B needs input_ids to place its "
+                "2D positions and block mask"
+            )
+        seq = input_ids.shape[-1]
+        padding_mask = attention_mask
+        if attention_mask is not None and attention_mask.dim() == 4:
+            padding_mask = padding_mask_from_block_mask(attention_mask)
+        if position_ids is None:
+            if past_length:
+                raise ValueError("position_ids are required when continuing from a cache (extend them with next_position_ids)")
+            position_ids = glm_position_ids(input_ids, self.config, None if padding_mask is None else padding_mask[:, -seq:])
+        inputs_embeds, position_ids, padding_mask, inserted = self.add_virtual_tokens(
+            inputs_embeds, position_ids, padding_mask, cache
+        )
+        if inserted:
+            input_ids = torch.cat((input_ids.new_full((input_ids.shape[0], inserted), VIRTUAL_TOKEN_ID), input_ids), dim=1)
+        return input_ids, position_ids, padding_mask, inputs_embeds, inserted
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -409,7 +460,10 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """input_ids [b, s] -> last_hidden_state [b, s, H] (and the cache when use_cache)."""
+        """input_ids [b, s] -> last_hidden_state [b, s, H] (and the cache when use_cache).
+
+        With virtual input tokens every argument and output counts real tokens only; the cache holds
+        the virtual tokens first."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -421,8 +475,13 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
+        inserted = 0
+        if self.has_input_prompt:
+            input_ids, position_ids, attention_mask, inputs_embeds, inserted = self._insert_virtual_tokens(
+                input_ids, position_ids, attention_mask, inputs_embeds, cache, past_length
+            )
         position_ids, block_mask = self._positions_and_mask(
-            input_ids, position_ids, attention_mask, past_length, batch, seq
+            input_ids, position_ids, attention_mask, past_length, batch, inserted + seq
         )
         prefix = self.get_prefix(batch, inputs_embeds.dtype, cache)
         if prefix is not None:
@@ -432,7 +491,7 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
         for i, layer in enumerate(self.layers):
             prefix_key, prefix_value = (None, None) if prefix is None else prefix[i]
             hidden_states = layer(hidden_states, position_ids, block_mask, prefix_key, prefix_value, cache=cache)
-        hidden_states = self.final_layernorm(hidden_states)
+        hidden_states = self.final_layernorm(hidden_states)[:, inserted:]  # outputs cover the real tokens only
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 

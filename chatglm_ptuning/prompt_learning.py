@@ -1,9 +1,19 @@
 """Soft-prompt encoders: one place for every soft-prompt method.
 
-P-tuning v2 (and Prefix-Tuning) learn `pre_seq_len` virtual positions whose keys and values
-enter the attention of every layer. The official parameter names are kept
-(`transformer.prefix_encoder.embedding.weight`, `...trans.0.*`, `...trans.2.*`) so official
-prefix checkpoints load unchanged.
+Every method learns `pre_seq_len` (P) virtual tokens; they differ in where the tokens enter
+and how they are parameterised:
+
+| method | where | encoder |
+|---|---|---|
+| `ptuning_v2` (Liu et al. 2022) | keys/values at every layer | `PrefixEncoder`, MLP projection optional (official) |
+| `prefix_tuning` (Li & Liang 2021) | keys/values at every layer | `PrefixEncoder`, MLP projection always, its width a setting |
+| `prompt_tuning` (Lester et al. 2021) | input embeddings | `PromptEmbedding`: a [P, H] table |
+| `ptuning` (P-tuning v1, Liu et al. 2021) | input embeddings | `PromptEncoder`: [P, H] table -> biLSTM -> MLP, or -> MLP |
+
+Layer-level encoders live under `transformer.prefix_encoder.*` (the official names
+`embedding.weight`, `trans.0.*`, `trans.2.*`, so official prefix checkpoints load unchanged);
+input-level ones under `transformer.prompt_encoder.*`. Every encoder keeps fp32 parameters
+whatever the backbone's dtype.
 """
 
 from __future__ import annotations
@@ -15,14 +25,60 @@ from .configuration import ARCH_GLM1, ChatGLMConfig
 
 PREFIX_DROPOUT = 0.1  # the official prefix dropout; active in training only
 PREFIX_KEY_PREFIX = "transformer.prefix_encoder."  # official state-dict prefix of the prefix encoder
+PROMPT_KEY_PREFIX = "transformer.prompt_encoder."  # state-dict prefix of the input-level prompt encoders
+SOFT_PROMPT_KEY_PREFIXES = (PREFIX_KEY_PREFIX, PROMPT_KEY_PREFIX)
+
+KV_PREFIX_METHODS = ("ptuning_v2", "prefix_tuning")  # virtual keys/values at every layer
+INPUT_PROMPT_METHODS = ("prompt_tuning", "ptuning")  # virtual tokens at the input
+SOFT_PROMPT_METHODS = KV_PREFIX_METHODS + INPUT_PROMPT_METHODS
+ENCODER_TYPES = ("lstm", "mlp")  # P-tuning (v1) prompt encoders
+PREFIX_TUNING_HIDDEN_SIZE = 512  # Li & Liang's MLP width (their `mid_dim`), the prefix_tuning default
 
 
-class PrefixEncoder(nn.Module):
+class SoftPromptModule(nn.Module):
+    """Base of the prompt encoders: fp32 parameters under any model cast, PyTorch's default init.
+
+    Call `_mark_layers()` at the end of `__init__`.
+    """
+
+    def _mark_layers(self) -> None:
+        for module in self.modules():
+            # Marks the layers the model's weight init must give PyTorch's defaults (as the original).
+            module.is_prompt_encoder_layer = module is not self and hasattr(module, "reset_parameters")
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default initialisation of every layer, as the original module gets."""
+        for module in self.modules():
+            if getattr(module, "is_prompt_encoder_layer", False):
+                module.reset_parameters()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        # The prompt is trained and kept in fp32 whatever dtype the backbone is cast to
+        # (`model.half()`, `model.to(torch.bfloat16)`); device moves still apply.
+        super()._apply(fn, recurse)
+        converted = False
+        for param in self.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+                converted = True
+                if param.grad is not None:
+                    param.grad = param.grad.float()
+        if converted:
+            for module in self.modules():
+                if isinstance(module, nn.RNNBase):  # its fused weight buffer must be rebuilt after the cast
+                    module.flatten_parameters()
+        return self
+
+
+class PrefixEncoder(SoftPromptModule):
     """Maps virtual-token ids to the flattened keys/values of every layer.
 
     Without projection: `Embedding(P, K)`. With projection (MLP reparameterisation):
     `Embedding(P, E) -> Linear(E, H) -> Tanh -> Linear(H, K)`, where E is the hidden size for
     ChatGLM-6B and K for ChatGLM2/3 (the official shapes). K = layers*2*kv_heads*head_dim.
+
+    Prefix-Tuning uses the projected form with an embedding of the hidden size H for both
+    families and an MLP width of its own (`prompt_encoder_hidden_size`).
 
     Input: ids [b, P] (long). Output: [b, P, K].
     """
@@ -35,37 +91,97 @@ class PrefixEncoder(nn.Module):
             self.trans = nn.Sequential(nn.Linear(embedding_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, kv_size))
         else:
             self.embedding = nn.Embedding(pre_seq_len, kv_size)
-        for module in self.modules():
-            # Marks the layers the model's weight init must give PyTorch's defaults (as the original).
-            module.is_prompt_encoder_layer = module is not self
+        self._mark_layers()
 
     @classmethod
     def from_config(cls, config: ChatGLMConfig) -> "PrefixEncoder":
         kv_size = config.prefix_kv_size
+        if config.prompt_method == "prefix_tuning":
+            width = config.prompt_encoder_hidden_size or PREFIX_TUNING_HIDDEN_SIZE
+            return cls(config.pre_seq_len, kv_size, width, True, config.hidden_size)
         # ChatGLM-6B projects from a hidden-size embedding; ChatGLM2/3 (code from 2023-07-05) from a K-size one.
         embedding_size = config.hidden_size if config.architecture == ARCH_GLM1 else kv_size
         return cls(config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection, embedding_size)
-
-    def reset_parameters(self) -> None:
-        """PyTorch's default initialisation, as the original module gets."""
-        for module in self.modules():
-            if getattr(module, "is_prompt_encoder_layer", False) and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
 
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         embedded = self.embedding(prefix)
         return self.trans(embedded) if self.prefix_projection else embedded
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
-        # The prefix is trained and kept in fp32 whatever dtype the backbone is cast to
-        # (`model.half()`, `model.to(torch.bfloat16)`); device moves still apply.
-        super()._apply(fn, recurse)
-        for param in self.parameters():
-            if param.is_floating_point() and param.dtype != torch.float32:
-                param.data = param.data.float()
-                if param.grad is not None:
-                    param.grad = param.grad.float()
-        return self
+
+class PromptEmbedding(SoftPromptModule):
+    """Prompt Tuning (Lester et al. 2021): P trainable input embeddings, `embedding.weight` [P, H].
+
+    forward() -> [P, H].
+    """
+
+    def __init__(self, num_virtual_tokens: int, hidden_size: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_virtual_tokens, hidden_size)
+        self._mark_layers()
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    @torch.no_grad()
+    def init_from_vocabulary(self, word_embeddings: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Lester et al.'s best initialisation: copy the embeddings of P randomly drawn vocabulary
+        tokens. Draws from the first 5000 ids, the most frequent pieces of a BPE vocabulary
+        (the paper draws from the 5000 most common tokens). word_embeddings: [V, H]."""
+        pool = min(word_embeddings.shape[0], 5000)
+        ids = torch.randint(pool, (self.embedding.num_embeddings,), generator=generator)
+        self.embedding.weight.copy_(word_embeddings[ids.to(word_embeddings.device)].float())
+
+
+class PromptEncoder(SoftPromptModule):
+    """P-tuning (v1, Liu et al. 2021): P trainable embeddings [P, H] reparameterised by a prompt encoder.
+
+    `encoder_type` "lstm" (the paper's): a 2-layer bidirectional LSTM (h/2 per direction) then an MLP
+    `Linear(h, h) -> ReLU -> Linear(h, H)`, as the original P-tuning code with h = H.
+    `encoder_type` "mlp": the MLP alone, `Linear(H, h) -> ReLU -> Linear(h, H)`.
+    h = `encoder_hidden_size`. forward() -> [P, H].
+    """
+
+    def __init__(self, num_virtual_tokens: int, hidden_size: int, encoder_type: str, encoder_hidden_size: int):
+        super().__init__()
+        if encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"prompt encoder_type must be one of {ENCODER_TYPES}, found {encoder_type!r}")
+        if encoder_type == "lstm" and encoder_hidden_size % 2:
+            raise ValueError(
+                f"the LSTM prompt encoder splits its hidden size over two directions: it must be even, found {encoder_hidden_size}"
+            )
+        self.encoder_type = encoder_type
+        self.embedding = nn.Embedding(num_virtual_tokens, hidden_size)
+        mlp_input = hidden_size
+        if encoder_type == "lstm":
+            self.lstm = nn.LSTM(hidden_size, encoder_hidden_size // 2, num_layers=2, bidirectional=True, batch_first=True)
+            mlp_input = encoder_hidden_size
+        self.mlp = nn.Sequential(
+            nn.Linear(mlp_input, encoder_hidden_size), nn.ReLU(), nn.Linear(encoder_hidden_size, hidden_size)
+        )
+        self._mark_layers()
+
+    def forward(self) -> torch.Tensor:
+        hidden = self.embedding.weight[None]  # [1, P, H]
+        if self.encoder_type == "lstm":
+            hidden = self.lstm(hidden)[0]  # [1, P, h]
+        return self.mlp(hidden)[0]
+
+
+def build_input_prompt_encoder(config: ChatGLMConfig) -> PromptEmbedding | PromptEncoder:
+    """The input-level encoder of `config.prompt_method` (prompt_tuning or ptuning)."""
+    if config.prompt_method == "prompt_tuning":
+        return PromptEmbedding(config.pre_seq_len, config.hidden_size)
+    return PromptEncoder(
+        config.pre_seq_len,
+        config.hidden_size,
+        config.prompt_encoder_type,
+        config.prompt_encoder_hidden_size or config.hidden_size,
+    )
+
+
+def input_prompt_embeddings(encoder: PromptEmbedding | PromptEncoder, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The virtual-token embeddings for a batch: [b, P, H] in the activation dtype (one encoder run)."""
+    return encoder().to(dtype)[None].expand(batch_size, -1, -1)
 
 
 PrefixKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]

@@ -19,10 +19,12 @@ import transformers
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, set_seed
 
 from .arguments import DataTrainingArguments, ModelArguments, TrainingArguments
-from .checkpoint import CheckpointError, PromptSettings
+from .checkpoint import CheckpointError, read_checkpoint_settings
 from .collator import PromptBatchCollator
 from .data import DataError, build_preprocess_function, load_rows, tokenizer_family
 from .loading import load_model
+from .lora import LoraOptions
+from .methods import MethodError, resolve_method, settings_from_config
 from .metrics import build_trainer_metrics
 from .trainer import FinalCheckpointCallback, LossPlotCallback, PromptTrainer, TrainingDiverged, last_complete_checkpoint
 
@@ -53,9 +55,33 @@ def _guard_data_parallel(training_args: TrainingArguments) -> None:
         training_args._n_gpu = 1
 
 
+def _method(model_args: ModelArguments) -> str:
+    """--method, else the checkpoint's, else ptuning_v2 with --pre_seq_len, else full (the
+    reference's fine-tuning command lines give no --pre_seq_len)."""
+    checkpoint = None
+    if model_args.ptuning_checkpoint is not None and model_args.method != "full":
+        checkpoint = read_checkpoint_settings(model_args.ptuning_checkpoint)
+    where = f"--ptuning_checkpoint {model_args.ptuning_checkpoint}"
+    return resolve_method(model_args.method, checkpoint, model_args.pre_seq_len, where) or "full"
+
+
+def _prefix_projection_flag(model_args: ModelArguments, method: str) -> bool | None:
+    # P-tuning v2 keeps the reference's meaning (with --pre_seq_len, no flag means no projection);
+    # for the other methods only a given flag counts (prefix_tuning always projects).
+    if method == "ptuning_v2":
+        return model_args.prefix_projection if model_args.pre_seq_len is not None else None
+    return True if model_args.prefix_projection else None
+
+
+def _lora_options(model_args: ModelArguments) -> LoraOptions:
+    targets = tuple(t.strip() for t in model_args.lora_target_modules.split(",") if t.strip())
+    return LoraOptions(model_args.lora_rank, model_args.lora_alpha, model_args.lora_dropout, targets)
+
+
 def _model_dtype(training_args: TrainingArguments, prompt_only: bool) -> torch.dtype | None:
-    """P-tuning: half-precision backbone on GPU (or as --bf16/--fp16 asks), fp32 prefix.
-    Full fine-tuning: fp32 weights, mixed precision left to the Trainer (--fp16/--bf16)."""
+    """P-tuning, the other soft prompts and LoRA: half-precision backbone on GPU (or as --bf16/--fp16
+    asks), fp32 trainable weights. Full fine-tuning: fp32 weights, mixed precision left to the
+    Trainer (--fp16/--bf16)."""
     if not prompt_only:
         return torch.float32
     if training_args.bf16:
@@ -105,28 +131,33 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     _guard_data_parallel(training_args)
     set_seed(training_args.seed)
 
-    prompt_only = model_args.pre_seq_len is not None or model_args.ptuning_checkpoint is not None
+    method = _method(model_args)
+    if method == "full" and model_args.quantization_bit and training_args.do_train:
+        raise MethodError(
+            "full fine-tuning trains every weight, so it needs a dense backbone: drop --quantization_bit "
+            "(or pick a parameter-efficient --method)"
+        )
     model, tokenizer = load_model(
         model_args.model_name_or_path,
         ptuning_checkpoint=model_args.ptuning_checkpoint,
         pre_seq_len=model_args.pre_seq_len,
-        prefix_projection=model_args.prefix_projection if model_args.pre_seq_len is not None else None,
+        prefix_projection=_prefix_projection_flag(model_args, method),
         quantization_bit=model_args.quantization_bit,
         device=training_args.device,
-        dtype=_model_dtype(training_args, prompt_only),
+        dtype=_model_dtype(training_args, method != "full"),
         chatglm_version=model_args.chatglm_version,
+        method=method,
+        encoder_type=model_args.encoder_type,
+        encoder_hidden_size=model_args.encoder_hidden_size,
+        lora_options=_lora_options(model_args) if method == "lora" else None,
     )
     config = model.config
-    settings = None
+    settings = None  # full fine-tuning: the Trainer saves the whole model (official key names)
+    if method != "full":
+        settings = settings_from_config(config, method)
+        settings.base_model = str(Path(model_args.model_name_or_path).resolve())
+        settings.family = tokenizer_family(tokenizer)
     if config.pre_seq_len:
-        settings = PromptSettings(
-            architecture=config.architecture,
-            pre_seq_len=config.pre_seq_len,
-            prefix_projection=config.prefix_projection,
-            base_model=str(Path(model_args.model_name_or_path).resolve()),
-            family=tokenizer_family(tokenizer),
-            quantization_bit=config.quantization_bit,
-        )
         if not _gradient_checkpointing_given(argv):
             # The reference trains P-tuning with it on. Set the new name: after __post_init__ the
             # deprecated `gradient_checkpointing` alias is only a mirror the Trainer never reads.
@@ -199,9 +230,10 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-        final = last_complete_checkpoint(training_args.output_dir)
-        logger.info("final checkpoint: %s", final)
-        print(f"checkpoint written to {final}")
+        if trainer.is_world_process_zero():  # once, not once per rank
+            final = last_complete_checkpoint(training_args.output_dir)
+            logger.info("final checkpoint: %s", final)
+            print(f"checkpoint written to {final}")
     model.eval()
     if eval_dataset is not None and training_args.do_eval:
         metrics = trainer.evaluate(metric_key_prefix="eval")
@@ -244,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(model_args, data_args, training_args, argv)
-    except (DataError, CheckpointError, TrainingDiverged) as err:
+    except (DataError, CheckpointError, MethodError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -15,8 +15,9 @@ from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_de
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .checkpoint import PromptSettings, read_prefix_checkpoint, save_prefix_checkpoint
+from .checkpoint import PromptSettings, save_prefix_checkpoint
 from .collator import PROMPT_LENGTH_KEY
+from .methods import load_method_state
 
 _STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
 TRAINER_STATE_FILE = "trainer_state.json"  # written last by the Trainer: marks a complete checkpoint
@@ -27,7 +28,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class PromptTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer that, given `prompt_settings`, saves only the trainable (prompt) weights.
+    """Seq2SeqTrainer that, given `prompt_settings` (a soft prompt or LoRA), saves only the trainable
+    weights with those settings (soft prompts: model.safetensors; LoRA: PEFT's adapter files).
 
     Checkpoints are written into `<output_dir>/.staging/` and renamed into place once complete,
     so a killed run never leaves a `checkpoint-N` that looks whole. Under DeepSpeed only the
@@ -91,7 +93,13 @@ class PromptTrainer(Seq2SeqTrainer):
         state = state_dict if state_dict is not None else self._trainable_state()
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}
-        save_prefix_checkpoint(state, output_dir, self.prompt_settings)
+        if self.prompt_settings.method == "lora":
+            from .lora import save_lora
+
+            save_lora(self.model, output_dir, state)  # PEFT's adapter files
+            self.prompt_settings.save(Path(output_dir))  # last: a folder with settings has its weights
+        else:
+            save_prefix_checkpoint(state, output_dir, self.prompt_settings)
         self.model.config.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -132,11 +140,7 @@ class PromptTrainer(Seq2SeqTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # noqa: ANN001
         if self.prompt_settings is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        state, _ = read_prefix_checkpoint(resume_from_checkpoint)
-        target = model if model is not None else self.model
-        result = target.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{resume_from_checkpoint}: tensors not in the model: {result.unexpected_keys}")
+        load_method_state(model if model is not None else self.model, resume_from_checkpoint, self.prompt_settings)
 
     # --- generation in evaluate/predict ----------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):  # noqa: ANN001

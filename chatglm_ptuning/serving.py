@@ -1,0 +1,326 @@
+"""What the chat front ends share: loading flags, the loaded model with its description, fitting a
+prompt into the model's context, and streaming a reply as append-only text.
+
+`web_demo`, `cli_demo` and `api` each parse `add_model_arguments` flags, call `load_chat_model`, and
+talk to the model only through `ChatModel`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .chat import ChatFamily, History, Response, chat_family
+from .checkpoint import SETTINGS_FILE, CheckpointError, PromptSettings
+
+# Display names of PromptSettings.method values (others are shown as they are).
+_METHOD_NAMES = {
+    "ptuning_v2": "P-tuning v2",
+    "prefix_tuning": "Prefix-Tuning",
+    "prompt_tuning": "Prompt Tuning",
+    "ptuning": "P-tuning",
+    "lora": "LoRA",
+    "full": "full fine-tuning",
+}
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def _flag_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The loading flags every front end takes (the names of the training CLI)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_name_or_path", help="local ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B folder (required)")
+    group.add_argument(
+        "--ptuning_checkpoint",
+        help="prefix checkpoint folder: this toolkit's (model.safetensors + ptuning_config.json) or the official "
+        "(pytorch_model.bin + config.json)",
+    )
+    group.add_argument(
+        "--pre_seq_len", type=int, help="prefix length; only for checkpoints that do not record it (official ones do)"
+    )
+    group.add_argument(
+        "--prefix_projection",
+        type=_flag_bool,
+        nargs="?",
+        const=True,
+        help="MLP-reparameterised prefix; only for checkpoints that do not record it",
+    )
+    group.add_argument("--quantization_bit", type=int, choices=(4, 8), help="quantize the backbone to INT4/INT8 while loading")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    group.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="backbone dtype (default: half on GPU, float32 on CPU)"
+    )
+    group.add_argument(
+        "--chatglm_version", type=int, choices=(2, 3), help="ChatGLM2 or ChatGLM3 template for a folder that does not say"
+    )
+
+
+def parse_model_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; without --model_name_or_path, say how to get the default model served."""
+    args = parser.parse_args(argv)
+    if args.model_name_or_path is None:
+        parser.error(
+            "--model_name_or_path is required. To chat with the embedded tiny model P-tuned by `bash train.sh`, "
+            "run `bash web_demo.sh` (after `bash train.sh`)."
+        )
+    return args
+
+
+def exit_on_user_error(error: Exception) -> None:
+    """Expected user mistakes (a wrong path, a mismatched checkpoint) end in one line, not a traceback."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---- the loaded model -------------------------------------------------------------------------
+
+
+def context_length(config: Any) -> int:
+    """Tokens the model was built for: `seq_length` (ChatGLM2/3) or `max_sequence_length` (ChatGLM-6B)."""
+    for name in ("seq_length", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise ValueError(f"{type(config).__name__} has neither seq_length nor max_sequence_length")
+
+
+def response_text(response: Response) -> str:
+    """A chat response as display text (a ChatGLM3 tool call is a dict: shown as JSON)."""
+    return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
+
+
+@dataclass
+class FittedPrompt:
+    query: str
+    history: History
+    prompt_tokens: int
+    notice: str | None = None  # set when turns were dropped or the query was cut
+
+
+class GenerationWatch(StoppingCriteria):
+    """A stopping criterion that never stops by itself: it records how far generation got and stops
+    when `cancel()` is called (from any thread, e.g. a client that went away)."""
+
+    def __init__(self) -> None:
+        self.length = 0  # prompt + generated tokens at the last step
+        self.last_token: int | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.length = int(input_ids.shape[1])
+        self.last_token = int(input_ids[0, -1])
+        return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class ChatModel:
+    """A loaded model and tokenizer, what they are (for display), and chat with context limits."""
+
+    model: Any
+    tokenizer: Any
+    family: ChatFamily = field(init=False)
+    context_length: int = field(init=False)
+    info: dict[str, str] = field(default_factory=dict)  # "Base model", "Method", "Checkpoint", ... for display
+
+    def __post_init__(self) -> None:
+        self.family = chat_family(self.tokenizer)
+        self.context_length = context_length(self.model.config)
+
+    def prompt_tokens(self, query: str, history: History) -> int:
+        return int(self.family.build_inputs(self.tokenizer, query, history, "user")["input_ids"].shape[1])
+
+    def fit(self, query: str, history: History, max_prompt_tokens: int) -> FittedPrompt:
+        """Make the prompt for `query` after `history` at most `max_prompt_tokens` long.
+
+        The oldest turns go first; if the query alone is still too long it keeps its first tokens.
+        The notice says what was left out.
+        """
+        history = list(history)
+        full = length = self.prompt_tokens(query, history)
+        dropped = 0
+        while length > max_prompt_tokens and history:
+            history = _without_oldest_turn(history)
+            dropped += 1
+            length = self.prompt_tokens(query, history)
+        kept_tokens = None
+        if length > max_prompt_tokens:
+            ids = self.tokenizer.encode(query, add_special_tokens=False)
+            keep = max_prompt_tokens - (length - len(ids))
+            if keep <= 0:
+                raise ValueError(f"the chat template alone needs {length - len(ids)} tokens, more than {max_prompt_tokens}")
+            while keep > 0:  # the template may tokenize a cut query a little differently: shrink until it fits
+                query = self.tokenizer.decode(ids[:keep]).rstrip("\ufffd")
+                length = self.prompt_tokens(query, history)
+                if length <= max_prompt_tokens:
+                    break
+                keep -= length - max_prompt_tokens
+            kept_tokens = keep
+        if not dropped and kept_tokens is None:
+            return FittedPrompt(query, history, length)
+        parts = []
+        if dropped:
+            parts.append(f"the {dropped} oldest turn{'s' if dropped > 1 else ''} of the conversation were left out")
+        if kept_tokens is not None:
+            parts.append(f"the message was cut to its first {kept_tokens} tokens")
+        notice = (
+            f"Input truncated: the prompt came to {full} tokens, more than the {max_prompt_tokens} it may use of the "
+            f"model's {self.context_length}-token context, so {' and '.join(parts)}."
+        )
+        return FittedPrompt(query, history, length, notice)
+
+    def stream(
+        self,
+        query: str,
+        history: History,
+        *,
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        watch: GenerationWatch | None = None,
+    ) -> Iterator[tuple[str, History]]:
+        """Yield (reply text so far, history with this turn) as tokens arrive.
+
+        Temperature 0 means greedy decoding (sampling needs a positive temperature).
+        """
+        kwargs: dict[str, Any] = {"top_p": top_p, "temperature": temperature, "max_length": max_length}
+        if temperature is not None and temperature <= 0:
+            kwargs.update(do_sample=False, top_p=None, temperature=None)
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        if watch is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
+        for response, new_history in self.model.stream_chat(self.tokenizer, query, history, **kwargs):
+            yield response_text(response), new_history
+
+
+def _without_oldest_turn(history: History) -> History:
+    """`history` less its oldest turn: one (query, response) pair, or for ChatGLM3 messages the first
+    user message and the replies after it (leading system messages stay)."""
+    if not history or not isinstance(history[0], dict):
+        return history[1:]
+    start = next((i for i, message in enumerate(history) if message.get("role") != "system"), len(history))
+    end = start + 1
+    while end < len(history) and history[end].get("role") != "user":
+        end += 1
+    return history[:start] + history[end:]
+
+
+def describe(
+    model: Any, family: ChatFamily, model_name_or_path: str, ptuning_checkpoint: str | None, quantization_bit: int | None
+) -> dict[str, str]:
+    """What is being served, for the page and the API's model card."""
+    config = model.config
+    settings = None
+    if ptuning_checkpoint and (Path(ptuning_checkpoint) / SETTINGS_FILE).is_file():
+        settings = PromptSettings.load(Path(ptuning_checkpoint) / SETTINGS_FILE)
+    method = settings.method if settings else ("ptuning_v2" if config.pre_seq_len else None)
+    if method is None:
+        method_text = "none (base model)"
+    else:
+        details = []
+        pre_seq_len = settings.pre_seq_len if settings else config.pre_seq_len
+        if pre_seq_len:
+            details.append(f"pre_seq_len {pre_seq_len}")
+        if method == "ptuning_v2":
+            details.append(f"{'with' if config.prefix_projection else 'without'} prefix projection")
+        method_text = _METHOD_NAMES.get(method, method) + (f" ({', '.join(details)})" if details else "")
+    bits = quantization_bit or getattr(config, "quantization_bit", 0)
+    return {
+        "Base model": str(model_name_or_path),
+        "Family": family.name,
+        "Method": method_text,
+        "Checkpoint": str(ptuning_checkpoint) if ptuning_checkpoint else "none",
+        "Weights": f"INT{bits}" if bits else str(next(model.parameters()).dtype).replace("torch.", ""),
+        "Device": str(model.device),
+        "Context": f"{context_length(config)} tokens",
+    }
+
+
+def load_chat_model(args: argparse.Namespace) -> ChatModel:
+    """Load what `add_model_arguments` flags name; user mistakes raise CheckpointError/ValueError/OSError."""
+    from .loading import load_model
+
+    model, tokenizer = load_model(
+        args.model_name_or_path,
+        ptuning_checkpoint=args.ptuning_checkpoint,
+        pre_seq_len=args.pre_seq_len,
+        prefix_projection=args.prefix_projection,
+        quantization_bit=args.quantization_bit,
+        device=args.device,
+        dtype=args.dtype,
+        chatglm_version=args.chatglm_version,
+    )
+    chat_model = ChatModel(model, tokenizer)
+    chat_model.info = describe(model, chat_model.family, args.model_name_or_path, args.ptuning_checkpoint, args.quantization_bit)
+    return chat_model
+
+
+def load_or_exit(args: argparse.Namespace) -> ChatModel:
+    try:
+        return load_chat_model(args)
+    except (CheckpointError, ValueError, OSError) as error:
+        exit_on_user_error(error)
+        raise  # unreachable: exit_on_user_error exits
+
+
+# ---- streaming as append-only text ------------------------------------------------------------
+
+_REWRITTEN_MARKER = "[[训练时间]]"  # replaced by "2023年" once complete
+_REWRITTEN_MARKS = ",!:;?"  # ChatGLM-6B makes these full width once a CJK character follows
+
+
+def _stable_length(text: str) -> int:
+    """How much of a partial reply later tokens cannot rewrite through the families' post-processing."""
+    for size in range(min(len(_REWRITTEN_MARKER) - 1, len(text)), 0, -1):
+        if _REWRITTEN_MARKER.startswith(text[-size:]):
+            return len(text) - size
+    if text and text[-1] in _REWRITTEN_MARKS:
+        return len(text) - 1
+    return len(text)
+
+
+class TextDeltas:
+    """Turns successive whole-reply snapshots into appended pieces (terminal output, SSE deltas).
+
+    A snapshot's tail may still change (post-processing rewrites `[[训练时间]]` and, for ChatGLM-6B,
+    punctuation next to CJK), so that tail is held back until the next snapshot or `finish`.
+    """
+
+    def __init__(self) -> None:
+        self.sent = ""
+
+    def update(self, snapshot: str) -> str:
+        return self._advance(snapshot[: _stable_length(snapshot)])
+
+    def finish(self, snapshot: str) -> str:
+        return self._advance(snapshot)
+
+    def _advance(self, stable: str) -> str:
+        if len(stable) <= len(self.sent):
+            return ""
+        piece = stable[len(self.sent) :]
+        self.sent = stable
+        return piece

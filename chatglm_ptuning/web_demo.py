@@ -1,0 +1,225 @@
+"""Browser chat with a (P-tuned) ChatGLM model: `python -m chatglm_ptuning.web_demo` or `bash web_demo.sh`.
+
+The page follows the reference ptuning/web_demo.py (chat with history, Submit, Clear History,
+sliders for maximum length, top-p and temperature with the same defaults), adds Stop, shows what is
+loaded, and serves every user from one queue with a bounded number of generations at a time; each
+browser session keeps its own history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .serving import ChatModel, GenerationWatch, add_model_arguments, load_or_exit, parse_model_arguments
+
+# gradio reports usage to its servers unless told not to; a local demo should not.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import gradio as gr  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SliderDefaults:
+    """The reference web demo's sliders: Maximum length 0..max_length_limit, Top P, Temperature."""
+
+    max_length_limit: int
+    max_length: int
+    top_p: float
+    temperature: float
+
+
+# ChatGLM-6B and ChatGLM2-6B: their ptuning/web_demo.py; ChatGLM3-6B: its basic_demo/web_demo.py.
+SLIDER_DEFAULTS = {
+    "ChatGLM-6B": SliderDefaults(4096, 2048, 0.7, 0.95),
+    "ChatGLM2-6B": SliderDefaults(32768, 8192, 0.8, 0.95),
+    "ChatGLM3-6B": SliderDefaults(32768, 8192, 0.8, 0.6),
+}
+
+
+def _new_session() -> dict[str, list]:
+    # "history" is what the model is conditioned on; "messages" is what the page shows (notices included).
+    return {"history": [], "messages": []}
+
+
+def _reply_reserve(context: int) -> int:
+    """Tokens of the context kept free for the reply when a long prompt is cut: a quarter."""
+    return max(1, context // 4)
+
+
+class ActiveGenerations:
+    """The generation running for each browser session, so that Stop and Clear end it at once.
+
+    gradio's own cancel closes the handler only while it is suspended between updates, and a
+    streaming handler is almost always inside the next token, so generation would run to its end.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: dict[str, GenerationWatch] = {}
+
+    def start(self, session_id: str) -> GenerationWatch:
+        watch = GenerationWatch()
+        with self._lock:
+            self._watches[session_id] = watch
+        return watch
+
+    def finish(self, session_id: str, watch: GenerationWatch) -> None:
+        watch.cancel()
+        with self._lock:
+            if self._watches.get(session_id) is watch:
+                del self._watches[session_id]
+
+    def stop(self, session_id: str) -> None:
+        with self._lock:
+            watch = self._watches.pop(session_id, None)
+        if watch is not None:
+            watch.cancel()
+
+
+def make_respond(chat_model: ChatModel, active: ActiveGenerations):
+    """The chat event handler: (message, max_length, top_p, temperature, session) -> stream of
+    (chatbot messages, session, textbox)."""
+    context = chat_model.context_length
+    prompt_limit = context - _reply_reserve(context)
+
+    def respond(
+        message: str, max_length: float, top_p: float, temperature: float, session: dict[str, list], request: gr.Request
+    ) -> Iterator[tuple[Any, Any, Any]]:
+        if not message or not message.strip():
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        history = session["history"]
+        messages = [*session["messages"], {"role": "user", "content": message}]
+
+        def notice(text: str) -> None:
+            messages.append({"role": "assistant", "content": f"⚠️ {text}"})
+
+        try:
+            fitted = chat_model.fit(message, history, prompt_limit)
+        except ValueError as error:
+            notice(str(error))
+            yield messages, {"history": history, "messages": messages}, ""
+            return
+        if fitted.notice:
+            notice(fitted.notice)
+        limit = min(int(max_length), context)
+        if fitted.prompt_tokens >= limit:
+            notice(
+                f"Maximum length {limit} leaves no room for a reply after the prompt ({fitted.prompt_tokens} tokens); "
+                "raise Maximum length."
+            )
+            yield messages, {"history": fitted.history, "messages": messages}, ""
+            return
+        messages.append({"role": "assistant", "content": ""})
+        yield messages, {"history": history, "messages": messages}, ""
+
+        watch = active.start(request.session_hash or "")
+        try:
+            for text, new_history in chat_model.stream(
+                fitted.query, fitted.history, max_length=limit, top_p=top_p, temperature=temperature, watch=watch
+            ):
+                messages[-1] = {"role": "assistant", "content": text}
+                yield messages, {"history": new_history, "messages": messages}, gr.skip()
+        except Exception as error:  # noqa: BLE001 - shown in the chat; the server keeps serving
+            logger.exception("generation failed")
+            messages[-1] = {"role": "assistant", "content": f"⚠️ Generation failed: {type(error).__name__}: {error}"}
+            yield messages, {"history": history, "messages": messages}, gr.skip()
+        finally:
+            active.finish(request.session_hash or "", watch)
+
+    return respond
+
+
+def _info_markdown(chat_model: ChatModel) -> str:
+    return "\n".join(f"- **{key}**: `{value}`" for key, value in chat_model.info.items())
+
+
+def build_demo(chat_model: ChatModel) -> gr.Blocks:
+    """The page for `chat_model`; its chat event is exposed to gradio clients as `/chat`."""
+    defaults = SLIDER_DEFAULTS[chat_model.family.name]
+    with gr.Blocks(title=f"{chat_model.family.name} P-tuning demo") as demo:
+        gr.HTML(f'<h1 style="text-align: center">{chat_model.family.name}</h1>')
+        with gr.Accordion("Loaded model", open=True):
+            gr.Markdown(_info_markdown(chat_model), elem_id="model-info")
+        chatbot = gr.Chatbot(
+            height=480, show_label=False, feedback_options=None, buttons=["copy", "copy_all"], elem_id="chatbot"
+        )
+        with gr.Row():
+            with gr.Column(scale=4):
+                user_input = gr.Textbox(
+                    show_label=False, placeholder="Input... (Enter sends, Shift+Enter adds a line)", lines=4, elem_id="user-input"
+                )
+                with gr.Row():
+                    submit = gr.Button("Submit", variant="primary", elem_id="submit")
+                    stop = gr.Button("Stop", elem_id="stop")
+            with gr.Column(scale=1):
+                clear = gr.Button("Clear History", elem_id="clear")
+                max_length = gr.Slider(
+                    0,
+                    defaults.max_length_limit,
+                    value=defaults.max_length,
+                    step=1,
+                    label=f"Maximum length (capped at the model's context, {chat_model.context_length})",
+                )
+                top_p = gr.Slider(0, 1, value=defaults.top_p, step=0.01, label="Top P")
+                temperature = gr.Slider(0, 1, value=defaults.temperature, step=0.01, label="Temperature (0: greedy)")
+        session = gr.State(_new_session())
+
+        active = ActiveGenerations()
+        respond = make_respond(chat_model, active)
+        inputs = [user_input, max_length, top_p, temperature, session]
+        outputs = [chatbot, session, user_input]
+        chat_events = [
+            submit.click(respond, inputs, outputs, api_name="chat"),
+            user_input.submit(respond, inputs, outputs, api_visibility="private"),
+        ]
+
+        def stop_generation(request: gr.Request) -> None:
+            active.stop(request.session_hash or "")
+
+        def clear_history(request: gr.Request) -> tuple[list, dict[str, list], str]:
+            active.stop(request.session_hash or "")
+            return [], _new_session(), ""
+
+        stop.click(stop_generation, None, None, cancels=chat_events, queue=False, api_name="stop")
+        clear.click(clear_history, None, outputs, cancels=chat_events, queue=False, api_name="clear")
+        chatbot.clear(clear_history, None, outputs, cancels=chat_events, queue=False, api_visibility="private")  # trash icon
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m chatglm_ptuning.web_demo", description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=7860)
+    server.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
+    server.add_argument("--concurrency", type=int, default=1, help="generations running at once; the rest wait in the queue")
+    server.add_argument("--max_queue", type=int, default=64, help="requests waiting at most; later ones are refused")
+    return parse_model_arguments(parser, argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.concurrency < 1 or args.max_queue < 1:
+        print("error: --concurrency and --max_queue must be at least 1", file=sys.stderr)
+        sys.exit(2)
+    chat_model = load_or_exit(args)
+    for key, value in chat_model.info.items():
+        print(f"{key}: {value}")
+    demo = build_demo(chat_model)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, show_error=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The OpenAI-compatible API: a real server on loopback driven by the standard `openai` client and by
+raw HTTP for every kind of bad request; the app in-process for API keys and failing generations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from servers import free_port, python_module, running_server, write_prefix_checkpoint
+
+httpx = pytest.importorskip("httpx", reason="pip install gradio (brings httpx, fastapi, uvicorn)")
+openai = pytest.importorskip("openai", reason="pip install openai (requirements-test.txt)")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from chatglm_ptuning.api import ServerLimits, create_app  # noqa: E402
+from chatglm_ptuning.loading import load_model  # noqa: E402
+from chatglm_ptuning.serving import ChatModel  # noqa: E402
+
+MODEL_ID = "tiny-chatglm2-pt"
+MAX_TOKENS = 64  # the server's --max_tokens
+MAX_BODY = 20_000  # the server's --max_body_bytes
+CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_glm2_dir):
+    return write_prefix_checkpoint(tmp_path_factory.mktemp("api-output") / "checkpoint-7", tiny_glm2_dir)
+
+
+@pytest.fixture(scope="module")
+def api_url(tmp_path_factory, tiny_glm2_dir, checkpoint):
+    port = free_port()
+    command = python_module(
+        "chatglm_ptuning.api",
+        "--model_name_or_path", str(tiny_glm2_dir),
+        "--ptuning_checkpoint", str(checkpoint),
+        "--port", str(port),
+        "--served_model_name", MODEL_ID,
+        "--max_tokens", str(MAX_TOKENS),
+        "--max_body_bytes", str(MAX_BODY),
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/v1"
+    with running_server(command, base + "/models", tmp_path_factory.mktemp("api-log") / "api.log"):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(api_url):
+    return openai.OpenAI(base_url=api_url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_glm2_dir, checkpoint):
+    """The same model and prefix loaded here, to compare greedy replies with."""
+    return load_model(tiny_glm2_dir, checkpoint)
+
+
+def greedy(reference, query, history=(), max_new_tokens=24):
+    model, tokenizer = reference
+    response, _ = model.chat(tokenizer, query, list(history), do_sample=False, max_new_tokens=max_new_tokens)
+    return response
+
+
+def test_models(client, checkpoint):
+    models = client.models.list().data
+    assert [model.id for model in models] == [MODEL_ID]
+    card = client.models.retrieve(MODEL_ID)
+    assert card.owned_by == "chatglm-ptuning" and card.model_extra["info"]["Checkpoint"] == str(checkpoint)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_completion_is_the_greedy_chat_reply_with_usage(client, reference):
+    reply = client.chat.completions.create(
+        model="any-name", messages=[{"role": "user", "content": "你好"}], temperature=0, max_tokens=24
+    )
+    choice = reply.choices[0]
+    assert reply.model == MODEL_ID and reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content == greedy(reference, "你好")
+    model, tokenizer = reference
+    assert reply.usage.prompt_tokens == len(tokenizer(tokenizer.build_prompt("你好", []))["input_ids"])
+    assert 0 < reply.usage.completion_tokens <= 24
+    assert choice.finish_reason == ("length" if reply.usage.completion_tokens == 24 else "stop")
+
+
+def test_history_and_system_message(client, reference):
+    messages = [
+        {"role": "system", "content": "你是一个广告文案助手。"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": [{"type": "text", "text": "写一句"}, {"type": "text", "text": "广告"}]},
+    ]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=16)
+    # ChatGLM2 has no system role: the official openai_api.py puts the system text before the query.
+    expected = greedy(reference, "你是一个广告文案助手。\n写一句广告", [("你好", "你好！")], max_new_tokens=16)
+    assert reply.choices[0].message.content == expected
+
+
+def test_streaming_deltas_add_up_to_the_reply(client, api_url):
+    request = dict(model=MODEL_ID, messages=[{"role": "user", "content": "介绍一下你自己"}], temperature=0, max_tokens=40)
+    whole = client.chat.completions.create(**request).choices[0].message.content
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert sum(1 for piece in pieces if piece) >= 3, "the reply should stream in several pieces"
+    assert "".join(pieces) == whole
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[:-1] == [None] * (len(finishes) - 1) and finishes[-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 40
+    assert all(c.object == "chat.completion.chunk" and c.model == MODEL_ID for c in chunks)
+    raw = httpx.post(f"{api_url}/chat/completions", json={**request, "stream": True}, timeout=120)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.text.split("\n\n") if line]
+    assert all(event.startswith("data: ") for event in events) and events[-1] == "data: [DONE]"
+
+
+def message(role="user", content="你好"):
+    return {"role": role, "content": content}
+
+
+BAD_REQUESTS = {
+    "bad JSON": (b'{"messages": [', 400, None, "not valid JSON"),
+    "not an object": (b"[]", 400, None, "JSON object"),
+    "no messages": ({"model": MODEL_ID}, 400, "messages", "Field required"),
+    "empty messages": ({"messages": []}, 400, "messages", "at least 1"),
+    "unknown role": ({"messages": [message("robot")]}, 400, "messages.0.role", "'robot'"),
+    "tool role": ({"messages": [message("tool")]}, 400, "messages.0.role", "'tool'"),
+    "content not text": ({"messages": [message(content=[{"type": "image_url", "image_url": {"url": "x"}}])]}, 400, "messages.0.content", "text"),
+    "ends with assistant": ({"messages": [message(), message("assistant")]}, 400, "messages.1.role", "last message"),
+    "two users in a row": ({"messages": [message(), message(), message("assistant"), message()]}, 400, "messages.1.role", "alternate"),
+    "only a system message": ({"messages": [message("system")]}, 400, "messages", "user message"),
+    "system message later": ({"messages": [message(), message("system"), message()]}, 400, "messages.1.role", "alternate"),
+    "temperature too high": ({"messages": [message()], "temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
+    "negative top_p": ({"messages": [message()], "top_p": -0.1}, 400, "top_p", "greater than or equal to 0"),
+    "top_p above 1": ({"messages": [message()], "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
+    "zero max_tokens": ({"messages": [message()], "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    "max_tokens over the limit": ({"messages": [message()], "max_tokens": MAX_TOKENS + 1}, 400, "max_tokens", f"at most {MAX_TOKENS}"),
+    "max_completion_tokens over the limit": ({"messages": [message()], "max_completion_tokens": 10**6}, 400, "max_completion_tokens", "at most"),
+    "max_tokens not a number": ({"messages": [message()], "max_tokens": "many"}, 400, "max_tokens", "integer"),
+    "several choices": ({"messages": [message()], "n": 2}, 400, "n", "less than or equal to 1"),
+    "prompt over the context": ({"messages": [message(content="很长的输入。" * 200)]}, 400, "messages", "maximum context length"),
+    "body too large": ({"messages": [message(content="x" * (MAX_BODY + 1))]}, 413, None, "over the limit"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_gets_a_clear_4xx(api_url, name):
+    body, status, param, snippet = BAD_REQUESTS[name]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{api_url}/chat/completions", content=content, headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert snippet in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
+    if name == "prompt over the context":
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_openai_client_sees_bad_requests_as_errors(client):
+    with pytest.raises(openai.BadRequestError, match="alternate"):
+        client.chat.completions.create(model=MODEL_ID, messages=[message(), message()])
+
+
+def test_wrong_path_and_method(api_url):
+    missing = httpx.get(f"{api_url}/completions")
+    assert missing.status_code == 404 and "Not Found" in missing.json()["error"]["message"]
+    wrong_method = httpx.get(f"{api_url}/chat/completions")
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+# ---- in-process app: API key and failures ----------------------------------------------------
+
+
+@pytest.fixture()
+def app_for(reference):
+    def build(api_key=None):
+        chat_model = ChatModel(*reference)
+        return chat_model, TestClient(create_app(chat_model, MODEL_ID, ServerLimits(MAX_TOKENS, MAX_BODY, 1), api_key))
+
+    return build
+
+
+def test_api_key_is_required_when_set(app_for):
+    _, app = app_for(api_key="secret")
+    refused = app.get("/v1/models")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert app.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert app.get("/v1/models", headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+def test_failed_generation_is_reported_and_the_server_keeps_serving(app_for, monkeypatch):
+    chat_model, app = app_for()
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated: CUDA out of memory")
+        yield  # a generator, like stream_chat
+
+    request = {"model": MODEL_ID, "messages": [message()], "max_tokens": 8}
+    with monkeypatch.context() as patch:
+        patch.setattr(chat_model.model, "stream_chat", out_of_memory)
+        failed = app.post("/v1/chat/completions", json=request)
+        assert failed.status_code == 500 and "out of memory" in failed.json()["error"]["message"]
+        streamed = app.post("/v1/chat/completions", json={**request, "stream": True})
+        events = [line.removeprefix("data: ") for line in streamed.text.split("\n\n") if line]
+        assert "out of memory" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+    assert app.post("/v1/chat/completions", json=request).status_code == 200
