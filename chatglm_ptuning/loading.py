@@ -18,7 +18,16 @@ import torch
 from transformers import AutoTokenizer
 from transformers.initialization import no_init_weights
 
-from .checkpoint import CheckpointError, iter_weight_files, read_checkpoint_settings, read_prefix_checkpoint, require_folder
+from .checkpoint import (
+    LORA_CONFIG_FILE,
+    SETTINGS_FILE,
+    CheckpointError,
+    PromptSettings,
+    iter_weight_files,
+    read_checkpoint_settings,
+    read_prefix_checkpoint,
+    require_folder,
+)
 from .configuration import ChatGLMConfig
 from .lora import LoraOptions, add_lora, load_lora
 from .methods import (
@@ -163,7 +172,12 @@ def load_model_weights(
 ) -> ChatGLMLMBase:
     """`load_model` without the tokenizer: the model alone, same arguments and checks."""
     where = f"checkpoint {ptuning_checkpoint}"
-    settings = read_checkpoint_settings(ptuning_checkpoint) if ptuning_checkpoint is not None else None
+    settings = None
+    if ptuning_checkpoint is not None:
+        if method == "full" and not _has_method_settings(ptuning_checkpoint):
+            settings = PromptSettings(None, method="full")  # a whole model folder, as the Trainer saves it
+        else:
+            settings = read_checkpoint_settings(ptuning_checkpoint)
     method = resolve_method(method, settings, pre_seq_len, where)
     # A full fine-tuning checkpoint is a whole model in the official layout: it replaces the base.
     folder = require_folder(ptuning_checkpoint if method == "full" and settings else model_name_or_path, "model")
@@ -226,6 +240,10 @@ def load_model_weights(
         model = load_lora(model, ptuning_checkpoint) if ptuning_checkpoint is not None else add_lora(model, lora_options)
     model.eval()
     return model
+
+
+def _has_method_settings(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / name).is_file() for name in (SETTINGS_FILE, LORA_CONFIG_FILE))
 
 
 def _tied_keys(model: ChatGLMLMBase) -> set[str]:

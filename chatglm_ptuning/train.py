@@ -24,7 +24,7 @@ from .collator import PromptBatchCollator
 from .data import DataError, build_preprocess_function, load_rows, tokenizer_family
 from .loading import load_model
 from .lora import LoraOptions
-from .methods import MethodError, resolve_method, settings_from_config
+from .methods import MethodError, count_parameters, resolve_method, settings_from_config
 from .metrics import build_trainer_metrics
 from .trainer import FinalCheckpointCallback, LossPlotCallback, PromptTrainer, TrainingDiverged, last_complete_checkpoint
 
@@ -164,8 +164,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
             training_args.activation_checkpointing = True
     if training_args.activation_checkpointing:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model)
     logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
 
     resume = training_args.resume_from_checkpoint
@@ -226,7 +225,9 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     if training_args.do_train:
         model.train()
         result = trainer.train(resume_from_checkpoint=resume)
-        metrics = dict(result.metrics, train_samples=len(train_dataset))
+        metrics = dict(
+            result.metrics, train_samples=len(train_dataset), trainable_parameters=trainable, total_parameters=total
+        )
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()

@@ -55,7 +55,6 @@ class PromptTrainer(Seq2SeqTrainer):
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test", **gen_kwargs):  # noqa: ANN001
         return super().predict(test_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
-        self._staging_run_dir: str | None = None
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):  # noqa: ANN001
         if is_training or self.eval_collator is None:

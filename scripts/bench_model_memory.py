@@ -42,7 +42,16 @@ SIX_B = {
 
 
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+    """Peak resident set size since the last `_reset_peak_rss` (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak measurement: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def write_synthetic_checkpoint(arch: str, folder: Path) -> int:
@@ -100,6 +109,7 @@ def measure(folder: Path, bits: int, steps: int = 1) -> dict:
     load_s = time.perf_counter() - start
     load_peak = _peak_rss_gib()
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    _reset_peak_rss()  # the step's own peak, not the loading peak
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)

@@ -90,7 +90,7 @@ class TrainStep:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -142,8 +142,8 @@ def train_case(
         "step_s": round(median, 4),
         "step_s_min": round(min(times), 4),
         "tokens_per_s": round(batch * (prompt_len + answer_len) / median, 1),
-        "matmul_gflop_per_step": round(flops / 1e9, 3),
-        "matmul_gflops": round(flops / 1e9 / median, 2),
+        "matmul_gflop_per_step": float(f"{flops / 1e9:.4g}"),
+        "matmul_gflops": float(f"{flops / 1e9 / median:.4g}"),
         "first_loss": round(loss, 4),
         "trainable_params": sum(p.numel() for p in trainable),
         "trainable_dtype": str(trainable[0].dtype).removeprefix("torch.") if trainable else None,
@@ -166,7 +166,7 @@ def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
         bare = by_key.get((*setting, NO_PREFIX.get(row["variant"])))
         if bare is not None and "error" not in bare:
             row["prefix_overhead"] = round(row["step_s"] / bare["step_s"] - 1, 3)
-        row["fraction_of_matmul_peak"] = round(row["matmul_gflops"] / peaks[row["dtype"]], 3)
+        row["fraction_of_matmul_peak"] = float(f"{row['matmul_gflops'] / peaks[row['dtype']]:.3g}")
 
 
 COLUMNS = [

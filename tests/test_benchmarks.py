@@ -1,0 +1,81 @@
+"""The benchmark scripts run and emit their tables and JSON (quick modes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the benchmarks are the `scripts` package; their child processes import it too
+
+from scripts import bench, bench_eval  # noqa: E402
+from scripts.bench_common import OURS, OURS_NO_PREFIX, VARIANTS  # noqa: E402
+from scripts.bench_train import count_matmul_flops  # noqa: E402
+
+
+def test_flop_count_includes_cpu_attention_and_linears():
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+    attention = count_matmul_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward())
+    assert attention == 3 * (2 * 1 * 2 * 8 * 8 * (4 + 4))  # forward QK^T + PV, backward twice that
+    linear = torch.nn.Linear(16, 32)
+    assert count_matmul_flops(lambda: linear(torch.randn(5, 16))) == 2 * 5 * 16 * 32
+
+
+def test_bench_quick_runs_train_generate_quant_and_writes_reports(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n\nintro\n")
+    results = bench.main(["--quick", "--only", "train,generate,quant", "--output-dir", str(tmp_path), "--readme", str(readme)])
+    printed = capsys.readouterr().out
+
+    assert results["errors"] == {}
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert {"train", "generate", "quant", "machine"} <= on_disk.keys()
+    for name in ("train", "generate", "quant"):
+        assert (tmp_path / f"bench_{name}.json").is_file()
+
+    train = on_disk["train"]
+    assert {(r["dtype"], r["checkpointing"], r["variant"]) for r in train["rows"]} == {
+        (d, c, v) for d in ("fp32", "bf16") for c in ("off", "on") for v in VARIANTS
+    }
+    for row in train["rows"]:
+        if row["variant"] in (OURS, OURS_NO_PREFIX):  # ours must run in every setting (the peer may fail: reported)
+            assert "error" not in row, row
+            assert row["tokens_per_s"] > 0 and row["peak_growth_mib"] > 0 and row["matmul_gflop_per_step"] > 0
+        if row["variant"] == OURS and row["checkpointing"] == "off":
+            assert "x_peer_tokens_per_s" in row and "prefix_overhead" in row and "fraction_of_matmul_peak" in row
+    assert train["matmul_peak_gflops"].keys() == {"fp32", "bf16"}
+    assert {r["trainable_dtype"] for r in train["rows"] if r["variant"] == OURS} == {"float32"}
+
+    generate = on_disk["generate"]
+    assert {(r["batch"], r["variant"]) for r in generate["rows"]} == {(b, v) for b in (1, 8) for v in VARIANTS}
+    for row in generate["rows"]:
+        assert "error" not in row, row
+        assert row["ttft_ms"] > 0 and row["tokens_per_s"] > 0
+    assert on_disk["quant"]["linear"]
+
+    markdown = (tmp_path / "results.md").read_text()
+    for heading in ("# Benchmarks", "## Training step", "### Goals", "## Generation", "| K | N | M |"):
+        assert heading in markdown
+    assert "| size | dtype | checkpointing | variant |" in markdown and "| size | dtype | batch | variant |" in markdown
+    assert "## Training step" in printed and "## Generation" in printed
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    section = readme.read_text()
+    assert section.startswith("# project\n\nintro\n") and section.count(bench.README_START) == 1
+    assert "Training (P-tuning v2 step)" in section and "Generation:" in section
+    bench.update_readme(readme, on_disk)  # a second run replaces the section instead of adding one
+    assert readme.read_text().count(bench.README_START) == 1
+
+
+def test_bench_eval_quick(tmp_path, capsys):
+    if not (bench_eval.EMBEDDED / "config.json").is_file():
+        pytest.skip(f"the embedded model is not built ({bench_eval.EMBEDDED}; scripts/build_embedded_model.py)")
+    output = tmp_path / "bench_eval.json"
+    result = bench_eval.main(["--quick", "--output", str(output)])
+    assert json.loads(output.read_text())["generation"] == result["generation"]
+    assert "## Evaluation" in capsys.readouterr().out
