@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .serving import ChatModel, GenerationWatch, TextDeltas, add_model_arguments, load_or_exit, parse_model_arguments
 from fastapi import FastAPI, Request  # fastapi, uvicorn and pydantic come with gradio
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from .serving import ChatModel, GenerationWatch, TextDeltas, add_model_arguments, load_or_exit, parse_model_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ class Message(BaseModel):
         texts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, found {part!r}")
+                raise ValueError(
+                    f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, found {part!r}"
+                )
             texts.append(part["text"])
         return "".join(texts)
 
@@ -82,7 +84,9 @@ class RequestError(Exception):
         self.param, self.code, self.status = param, code, status
 
 
-def error_body(message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error") -> dict:
+def error_body(
+    message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -122,7 +126,9 @@ def conversation(messages: list[Message], message_history: bool) -> tuple[str, l
                 f"messages.{index}.role",
             )
     if turns[-1].role != "user":
-        raise RequestError(f"the last message must have role 'user', found {turns[-1].role!r}", f"messages.{len(messages) - 1}.role")
+        raise RequestError(
+            f"the last message must have role 'user', found {turns[-1].role!r}", f"messages.{len(messages) - 1}.role"
+        )
     query = turns[-1].content
     previous = turns[:-1]
     if message_history:
@@ -179,6 +185,18 @@ def _finish_reason(chat_model: ChatModel, watch: GenerationWatch, completion: Co
     return ("length" if ran_out else "stop"), generated
 
 
+def _generation(chat_model: ChatModel, completion: Completion, request: ChatCompletionRequest, watch: GenerationWatch):
+    """The reply's snapshots: an iterator of (text so far, history)."""
+    return chat_model.stream(
+        completion.query,
+        completion.history,
+        max_new_tokens=completion.max_new_tokens,
+        top_p=request.top_p,
+        temperature=request.temperature,
+        watch=watch,
+    )
+
+
 def _usage(completion: Completion, generated: int) -> dict[str, int]:
     return {
         "prompt_tokens": completion.prompt_tokens,
@@ -187,26 +205,32 @@ def _usage(completion: Completion, generated: int) -> dict[str, int]:
     }
 
 
-def create_app(
-    chat_model: ChatModel, model_id: str, limits: ServerLimits, api_key: str | None = None
-) -> FastAPI:
+def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `chat_model` under `model_id`."""
     app = FastAPI(title="chatglm-ptuning OpenAI-compatible API", docs_url="/docs", redoc_url=None)
     semaphore = asyncio.Semaphore(limits.concurrency)
     created = int(time.time())
-    card = {"id": model_id, "object": "model", "created": created, "owned_by": "chatglm-ptuning", "info": chat_model.info}
+    card = {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "chatglm-ptuning",
+        "info": chat_model.info,
+    }
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {error.detail}", kind=kind), error.status_code)
+        return JSONResponse(
+            error_body(f"{request.method} {request.url.path}: {error.detail}", kind=kind), error.status_code
+        )
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
         return JSONResponse(error_body(str(error), error.param, error.code), error.status)
 
     @app.middleware("http")
-    async def check_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
+    async def check_api_key(request: Request, call_next):
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             body = error_body("missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
             return JSONResponse(body, 401)
@@ -219,13 +243,17 @@ def create_app(
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict:
         if name != model_id:
-            raise RequestError(f"the model {name!r} does not exist; this server serves {model_id!r}", "model", "model_not_found", 404)
+            raise RequestError(
+                f"the model {name!r} does not exist; this server serves {model_id!r}", "model", "model_not_found", 404
+            )
         return card
 
     async def read_request(request: Request) -> ChatCompletionRequest:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise RequestError(f"request body of {declared} bytes is over the limit of {limits.max_body_bytes}", status=413)
+            raise RequestError(
+                f"request body of {declared} bytes is over the limit of {limits.max_body_bytes}", status=413
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -243,39 +271,31 @@ def create_app(
             message, param = _validation_message(error)
             raise RequestError(message, param) from None
 
-    def generation(completion: Completion, request: ChatCompletionRequest, watch: GenerationWatch):
-        return chat_model.stream(
-            completion.query,
-            completion.history,
-            max_new_tokens=completion.max_new_tokens,
-            top_p=request.top_p,
-            temperature=request.temperature,
-            watch=watch,
-        )
-
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):  # noqa: ANN202
+    async def chat_completions(request: Request):
         body = await read_request(request)
         completion = _plan(chat_model, body, limits)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            events = _event_stream(chat_model, completion, body, model_id, completion_id, semaphore, generation)
+            events = _event_stream(chat_model, completion, body, model_id, completion_id, semaphore)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         watch = GenerationWatch()
 
         def run() -> str:
             text = ""
-            for text, _ in generation(completion, body, watch):
+            for text, _ in _generation(chat_model, completion, body, watch):
                 pass
             return text
 
         async with semaphore:
             try:
                 text = await run_in_threadpool(run)
-            except Exception as error:  # noqa: BLE001 - reported to the client; the server keeps serving
+            except Exception as error:  # reported to the client; the server keeps serving
                 logger.exception("generation failed")
-                return JSONResponse(error_body(f"generation failed: {type(error).__name__}: {error}", kind="server_error"), 500)
+                return JSONResponse(
+                    error_body(f"generation failed: {type(error).__name__}: {error}", kind="server_error"), 500
+                )
             finally:
                 watch.cancel()
         reason, generated = _finish_reason(chat_model, watch, completion)
@@ -285,7 +305,12 @@ def create_app(
             "created": int(time.time()),
             "model": model_id,
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": reason,
+                }
             ],
             "usage": _usage(completion, generated),
         }
@@ -304,21 +329,26 @@ async def _event_stream(
     model_id: str,
     completion_id: str,
     semaphore: asyncio.Semaphore,
-    generation,  # noqa: ANN001 - (completion, request, watch) -> iterator of (text, history)
 ) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, content deltas, a finish chunk, optionally usage, `[DONE]`."""
     created = int(time.time())
 
     def chunk(delta: dict, finish_reason: str | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id, "choices": [choice]}
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_id,
+            "choices": [choice],
+        }
 
     watch = GenerationWatch()
     async with semaphore:
         try:
             yield _sse(chunk({"role": "assistant", "content": ""}))
             deltas, text = TextDeltas(), ""
-            async for text, _ in iterate_in_threadpool(generation(completion, request, watch)):
+            async for text, _ in iterate_in_threadpool(_generation(chat_model, completion, request, watch)):
                 piece = deltas.update(text)
                 if piece:
                     yield _sse(chunk({"content": piece}))
@@ -331,7 +361,7 @@ async def _event_stream(
                 usage_chunk = chunk({})
                 usage_chunk["choices"], usage_chunk["usage"] = [], _usage(completion, generated)
                 yield _sse(usage_chunk)
-        except Exception as error:  # noqa: BLE001 - headers are sent: report in the stream, keep serving
+        except Exception as error:  # headers are sent: report it in the stream, keep serving
             logger.exception("generation failed")
             yield _sse(error_body(f"generation failed: {type(error).__name__}: {error}", kind="server_error"))
         finally:
@@ -356,8 +386,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--served_model_name", help="model id in replies and /v1/models (default: <base>+<checkpoint>)")
     server.add_argument("--api_key", help="require 'Authorization: Bearer <key>' on every request")
-    server.add_argument("--max_tokens", type=int, help="most tokens one reply may ask for (default: the model's context)")
-    server.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB)")
+    server.add_argument(
+        "--max_tokens", type=int, help="most tokens one reply may ask for (default: the model's context)"
+    )
+    server.add_argument(
+        "--max_body_bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB)"
+    )
     server.add_argument("--concurrency", type=int, default=1, help="generations running at once; the rest wait")
     return parse_model_arguments(parser, argv)
 
@@ -381,7 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in chat_model.info.items():
         print(f"{key}: {value}")
     print(f"Serving {model_id!r} at http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(create_app(chat_model, model_id, limits, args.api_key), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(
+        create_app(chat_model, model_id, limits, args.api_key), host=args.host, port=args.port, log_level="info"
+    )
 
 
 if __name__ == "__main__":

@@ -26,11 +26,8 @@ def chat_loop(
     temperature: float | None = None,
 ) -> None:
     """Read queries with `read(prompt)` until an exit command or EOF; stream replies to `out`."""
-    family = chat_model.family
-    context = chat_model.context_length
-    max_length = min(max_length or family.max_length, context)
-    prompt_limit = max_length - max(1, max_length // 4)  # a cut prompt leaves a quarter for the reply
-    name = family.name
+    max_length = chat_model.capped_max_length(max_length)
+    name = chat_model.family.name
 
     def say(text: str = "", end: str = "\n") -> None:
         out.write(text + end)
@@ -56,7 +53,7 @@ def chat_loop(
         if not command:
             continue
         try:
-            fitted = chat_model.fit(query, history, prompt_limit)
+            fitted = chat_model.fit(query, history, max_length)
         except ValueError as error:
             say(f"[{error}]")
             continue
@@ -73,7 +70,7 @@ def chat_loop(
         except KeyboardInterrupt:
             watch.cancel()
             say(deltas.finish(text) + " [stopped]")
-        except Exception as error:  # noqa: BLE001 - report and keep chatting
+        except Exception as error:  # noqa: BLE001 - report it and keep chatting
             say(f"\n[generation failed: {type(error).__name__}: {error}]")
 
 

@@ -64,13 +64,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="MLP-reparameterised prefix; only for checkpoints that do not record it",
     )
-    group.add_argument("--quantization_bit", type=int, choices=(4, 8), help="quantize the backbone to INT4/INT8 while loading")
+    group.add_argument(
+        "--quantization_bit", type=int, choices=(4, 8), help="quantize the backbone to INT4/INT8 while loading"
+    )
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     group.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="backbone dtype (default: half on GPU, float32 on CPU)"
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="backbone dtype (default: half on GPU, float32 on CPU)",
     )
     group.add_argument(
-        "--chatglm_version", type=int, choices=(2, 3), help="ChatGLM2 or ChatGLM3 template for a folder that does not say"
+        "--chatglm_version",
+        type=int,
+        choices=(2, 3),
+        help="ChatGLM2 or ChatGLM3 template for a folder that does not say",
     )
 
 
@@ -151,42 +158,55 @@ class ChatModel:
     def prompt_tokens(self, query: str, history: History) -> int:
         return int(self.family.build_inputs(self.tokenizer, query, history, "user")["input_ids"].shape[1])
 
-    def fit(self, query: str, history: History, max_prompt_tokens: int) -> FittedPrompt:
-        """Make the prompt for `query` after `history` at most `max_prompt_tokens` long.
+    def capped_max_length(self, max_length: int | None) -> int:
+        """`max_length` (prompt + reply tokens; None: the family's chat default) within the context."""
+        return min(int(max_length if max_length is not None else self.family.max_length), self.context_length)
+
+    def fit(self, query: str, history: History, max_length: int | None = None) -> FittedPrompt:
+        """Make the prompt for `query` after `history` short enough to leave a quarter of
+        `max_length` (capped at the context) for the reply.
 
         The oldest turns go first; if the query alone is still too long it keeps its first tokens.
-        The notice says what was left out.
+        The notice says what was left out. ValueError when even an empty query would not fit.
         """
+        max_length = self.capped_max_length(max_length)
+        budget = max_length - max(1, max_length // 4)
         history = list(history)
         full = length = self.prompt_tokens(query, history)
         dropped = 0
-        while length > max_prompt_tokens and history:
-            history = _without_oldest_turn(history)
-            dropped += 1
+        while length > budget:
+            shorter = _without_oldest_turn(history)
+            if len(shorter) == len(history):  # nothing left to drop (ChatGLM3 keeps system messages)
+                break
+            history, dropped = shorter, dropped + 1
             length = self.prompt_tokens(query, history)
         kept_tokens = None
-        if length > max_prompt_tokens:
+        if length > budget:
             ids = self.tokenizer.encode(query, add_special_tokens=False)
-            keep = max_prompt_tokens - (length - len(ids))
-            if keep <= 0:
-                raise ValueError(f"the chat template alone needs {length - len(ids)} tokens, more than {max_prompt_tokens}")
+            keep = budget - (length - len(ids))
             while keep > 0:  # the template may tokenize a cut query a little differently: shrink until it fits
                 query = self.tokenizer.decode(ids[:keep]).rstrip("\ufffd")
                 length = self.prompt_tokens(query, history)
-                if length <= max_prompt_tokens:
+                if length <= budget:
                     break
-                keep -= length - max_prompt_tokens
+                keep -= length - budget
+            if keep <= 0 or not query.strip():  # nothing of the message would be left
+                raise ValueError(
+                    f"A maximum length of {max_length} tokens leaves too little room for the prompt "
+                    f"({budget} tokens, the chat template alone needs {length - len(ids)})"
+                )
             kept_tokens = keep
         if not dropped and kept_tokens is None:
             return FittedPrompt(query, history, length)
         parts = []
         if dropped:
-            parts.append(f"the {dropped} oldest turn{'s' if dropped > 1 else ''} of the conversation were left out")
+            turns = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
+            parts.append(f"{turns} of the conversation {'was' if dropped == 1 else 'were'} left out")
         if kept_tokens is not None:
             parts.append(f"the message was cut to its first {kept_tokens} tokens")
         notice = (
-            f"Input truncated: the prompt came to {full} tokens, more than the {max_prompt_tokens} it may use of the "
-            f"model's {self.context_length}-token context, so {' and '.join(parts)}."
+            f"Input truncated: the prompt came to {full} tokens; a maximum length of {max_length} "
+            f"(the model's context is {self.context_length}) leaves {budget} for it, so {' and '.join(parts)}."
         )
         return FittedPrompt(query, history, length, notice)
 
@@ -218,7 +238,7 @@ class ChatModel:
 
 def _without_oldest_turn(history: History) -> History:
     """`history` less its oldest turn: one (query, response) pair, or for ChatGLM3 messages the first
-    user message and the replies after it (leading system messages stay)."""
+    user message and the replies after it (leading system messages stay, so this may drop nothing)."""
     if not history or not isinstance(history[0], dict):
         return history[1:]
     start = next((i for i, message in enumerate(history) if message.get("role") != "system"), len(history))
@@ -229,7 +249,11 @@ def _without_oldest_turn(history: History) -> History:
 
 
 def describe(
-    model: Any, family: ChatFamily, model_name_or_path: str, ptuning_checkpoint: str | None, quantization_bit: int | None
+    model: Any,
+    family: ChatFamily,
+    model_name_or_path: str,
+    ptuning_checkpoint: str | None,
+    quantization_bit: int | None,
 ) -> dict[str, str]:
     """What is being served, for the page and the API's model card."""
     config = model.config
@@ -274,7 +298,9 @@ def load_chat_model(args: argparse.Namespace) -> ChatModel:
         chatglm_version=args.chatglm_version,
     )
     chat_model = ChatModel(model, tokenizer)
-    chat_model.info = describe(model, chat_model.family, args.model_name_or_path, args.ptuning_checkpoint, args.quantization_bit)
+    chat_model.info = describe(
+        model, chat_model.family, args.model_name_or_path, args.ptuning_checkpoint, args.quantization_bit
+    )
     return chat_model
 
 

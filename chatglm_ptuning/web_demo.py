@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from .serving import ChatModel, GenerationWatch, add_model_arguments, load_or_ex
 
 # gradio reports usage to its servers unless told not to; a local demo should not.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-import gradio as gr  # noqa: E402
+import gradio as gr
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,21 @@ SLIDER_DEFAULTS = {
 }
 
 
+# Fenced code blocks and inline code spans: kept as they are in a user's message.
+_CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]+`)", re.DOTALL)
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\*_{}\[\]()#+\-.!|~<>])")
+
+
+def literal_markdown(text: str) -> str:
+    """A user's message for the Markdown chatbot: code blocks and code spans render as code, everything
+    else shows as typed (ADGEN inputs such as `类型#裙*风格#学院*...` would otherwise turn italic)."""
+    parts = _CODE.split(text)  # odd indices are code
+    return "".join(part if i % 2 else _MARKDOWN_PUNCTUATION.sub(r"\\\1", part) for i, part in enumerate(parts))
+
+
 def _new_session() -> dict[str, list]:
     # "history" is what the model is conditioned on; "messages" is what the page shows (notices included).
     return {"history": [], "messages": []}
-
-
-def _reply_reserve(context: int) -> int:
-    """Tokens of the context kept free for the reply when a long prompt is cut: a quarter."""
-    return max(1, context // 4)
 
 
 class ActiveGenerations:
@@ -87,8 +95,6 @@ class ActiveGenerations:
 def make_respond(chat_model: ChatModel, active: ActiveGenerations):
     """The chat event handler: (message, max_length, top_p, temperature, session) -> stream of
     (chatbot messages, session, textbox)."""
-    context = chat_model.context_length
-    prompt_limit = context - _reply_reserve(context)
 
     def respond(
         message: str, max_length: float, top_p: float, temperature: float, session: dict[str, list], request: gr.Request
@@ -97,27 +103,20 @@ def make_respond(chat_model: ChatModel, active: ActiveGenerations):
             yield gr.skip(), gr.skip(), gr.skip()
             return
         history = session["history"]
-        messages = [*session["messages"], {"role": "user", "content": message}]
+        messages = [*session["messages"], {"role": "user", "content": literal_markdown(message)}]
 
         def notice(text: str) -> None:
             messages.append({"role": "assistant", "content": f"⚠️ {text}"})
 
+        limit = chat_model.capped_max_length(max_length)
         try:
-            fitted = chat_model.fit(message, history, prompt_limit)
+            fitted = chat_model.fit(message, history, limit)
         except ValueError as error:
-            notice(str(error))
+            notice(f"{error}: raise Maximum length.")
             yield messages, {"history": history, "messages": messages}, ""
             return
         if fitted.notice:
             notice(fitted.notice)
-        limit = min(int(max_length), context)
-        if fitted.prompt_tokens >= limit:
-            notice(
-                f"Maximum length {limit} leaves no room for a reply after the prompt ({fitted.prompt_tokens} tokens); "
-                "raise Maximum length."
-            )
-            yield messages, {"history": fitted.history, "messages": messages}, ""
-            return
         messages.append({"role": "assistant", "content": ""})
         yield messages, {"history": history, "messages": messages}, ""
 
@@ -128,7 +127,7 @@ def make_respond(chat_model: ChatModel, active: ActiveGenerations):
             ):
                 messages[-1] = {"role": "assistant", "content": text}
                 yield messages, {"history": new_history, "messages": messages}, gr.skip()
-        except Exception as error:  # noqa: BLE001 - shown in the chat; the server keeps serving
+        except Exception as error:  # shown in the chat; the server keeps serving
             logger.exception("generation failed")
             messages[-1] = {"role": "assistant", "content": f"⚠️ Generation failed: {type(error).__name__}: {error}"}
             yield messages, {"history": history, "messages": messages}, gr.skip()
@@ -155,7 +154,10 @@ def build_demo(chat_model: ChatModel) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=4):
                 user_input = gr.Textbox(
-                    show_label=False, placeholder="Input... (Enter sends, Shift+Enter adds a line)", lines=4, elem_id="user-input"
+                    show_label=False,
+                    placeholder="Input... (Enter sends, Shift+Enter adds a line)",
+                    lines=4,
+                    elem_id="user-input",
                 )
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary", elem_id="submit")
@@ -191,7 +193,8 @@ def build_demo(chat_model: ChatModel) -> gr.Blocks:
 
         stop.click(stop_generation, None, None, cancels=chat_events, queue=False, api_name="stop")
         clear.click(clear_history, None, outputs, cancels=chat_events, queue=False, api_name="clear")
-        chatbot.clear(clear_history, None, outputs, cancels=chat_events, queue=False, api_visibility="private")  # trash icon
+        # The chatbot's own trash icon clears the history too.
+        chatbot.clear(clear_history, None, outputs, cancels=chat_events, queue=False, api_visibility="private")
     return demo
 
 
@@ -202,7 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=int, default=7860)
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
-    server.add_argument("--concurrency", type=int, default=1, help="generations running at once; the rest wait in the queue")
+    server.add_argument(
+        "--concurrency", type=int, default=1, help="generations running at once; the rest wait in the queue"
+    )
     server.add_argument("--max_queue", type=int, default=64, help="requests waiting at most; later ones are refused")
     return parse_model_arguments(parser, argv)
 

@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 from scripts import bench_eval, bench_generate, bench_quant, bench_train
-from scripts.bench_common import OURS, OURS_NO_PREFIX, PEER, PEER_NO_PREFIX, machine_info, machine_line, markdown
+from scripts.bench_common import (
+    OURS,
+    OURS_NO_PREFIX,
+    PEER,
+    PEER_NO_PREFIX,
+    machine_info,
+    machine_line,
+    markdown,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 README_START = "<!-- benchmarks:start -->"
@@ -58,23 +66,29 @@ def _tables_only(printed: str) -> str:
     return "\n".join(lines).strip()
 
 
-def run_all(names: list[str], quick: bool, output_dir: Path) -> tuple[dict, dict[str, str]]:
-    """Run the named benchmarks; returns their reports (or errors) and their printed tables."""
+THREADED = ("train", "generate", "quant")  # the benchmarks that take --threads
+
+
+def run_all(names: list[str], quick: bool, output_dir: Path, threads: int | None = None) -> tuple[dict, dict[str, str]]:
+    """Run the named benchmarks (with `--threads threads` where they take it, when given); returns their
+    reports (or errors) and their printed tables."""
     results: dict = {"errors": {}}
     sections: dict[str, str] = {}
     for name in names:
         argv = (["--quick"] if quick else []) + ["--output", str(output_dir / f"bench_{name}.json")]
+        if threads is not None and name in THREADED:
+            argv += ["--threads", str(threads)]
         print(f"\n# {name}: {' '.join(argv)}", flush=True)
         tee = _Tee(sys.stdout)
-        threads = torch.get_num_threads()
+        process_threads = torch.get_num_threads()
         try:
             with contextlib.redirect_stdout(tee):
                 results[name] = BENCHMARKS[name](argv)
-        except Exception as err:  # one broken benchmark must not lose the others' results
+        except Exception as err:  # noqa: BLE001 - one broken benchmark must not lose the others' results
             results["errors"][name] = f"{type(err).__name__}: {err}"
             print(f"{name} failed: {results['errors'][name]}", flush=True)
         finally:
-            torch.set_num_threads(threads)  # bench_quant sets its own; callers keep theirs
+            torch.set_num_threads(process_threads)  # bench_quant sets its own; callers keep theirs
         sections[name] = _tables_only(tee.copy.getvalue())
     return results, sections
 
@@ -127,10 +141,12 @@ def report_markdown(results: dict, sections: dict[str, str]) -> str:
 def update_readme(readme: Path, results: dict) -> None:
     """Replace README's benchmark section (between the marker comments; appended when absent) with the
     machine line, the training goals and the training and generation tables."""
-    parts = [README_START, "## Benchmarks", "",
-             f"Latest run ({results['generated_at']}): {machine_line(results['machine'])}. "
-             "All tables: [benchmarks/results.md](benchmarks/results.md); chart: "
-             "[benchmarks/results.png](benchmarks/results.png). Re-run: `python -m scripts.bench --readme README.md`."]
+    intro = (
+        f"Latest run ({results['generated_at']}): {machine_line(results['machine'])}. "
+        "All tables: [benchmarks/results.md](benchmarks/results.md); chart: "
+        "[benchmarks/results.png](benchmarks/results.png). Re-run: `python -m scripts.bench --readme README.md`."
+    )
+    parts = [README_START, "## Benchmarks", "", intro]
     if "train" in results:
         parts += ["", "Training (P-tuning v2 step), ours against PEFT + GlmForCausalLM:", "",
                   markdown(results["train"]["goals"], bench_train.GOAL_COLUMNS),
@@ -153,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {list(BENCHMARKS)}")
     parser.add_argument("--output-dir", type=Path, default=REPO / "benchmarks")
     parser.add_argument("--readme", type=Path, default=None, help="update this README's benchmark section")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for train, generate and quant (0 = torch's default); default: each script's own")
     args = parser.parse_args(argv)
     names = args.only.split(",")
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -161,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     machine = machine_info()
-    results, sections = run_all(names, args.quick, args.output_dir)
+    results, sections = run_all(names, args.quick, args.output_dir, args.threads)
     results.update(machine=machine, quick=args.quick,
                    generated_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

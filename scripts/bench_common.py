@@ -122,7 +122,8 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 # ---------------------------------------------------------------- isolated children
 
-def _status_mib(field: str) -> float:
+def status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (e.g. VmRSS, VmHWM), in MiB."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -134,12 +135,12 @@ def _child(conn, fn: Callable[..., dict], kwargs: dict, threads: int) -> None:
     try:
         if threads:
             torch.set_num_threads(threads)
-        start_rss = _status_mib("VmRSS")
+        start_rss = status_mib("VmRSS")
         result = fn(**kwargs)
         # fn may read the peak itself before work that must not count (e.g. a FLOP-counting pass)
-        peak = result.pop("vmhwm_mib", None) or _status_mib("VmHWM")
+        peak = result.pop("vmhwm_mib", None) or status_mib("VmHWM")
         result.update(peak_rss_mib=round(peak, 1), peak_growth_mib=round(peak - start_rss, 1), threads=torch.get_num_threads())
-    except Exception as err:  # reported as the configuration's result; the benchmark goes on
+    except Exception as err:  # noqa: BLE001 - reported as the configuration's result; the benchmark goes on
         result = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300], "traceback": traceback.format_exc()[-2000:]}
     conn.send(result)
     conn.close()

@@ -10,7 +10,10 @@ without a prefix; GlmForCausalLM with a PEFT PrefixTuningConfig prefix, and alon
   tokens/s = batch * N / time, decode tokens/s = batch * (N - 1) / (time - time to first token).
 
 Medians of `--repeats` runs after one warm-up, each variant and batch size in a fresh child process
-(scripts/bench_common.py), whose peak memory growth is reported too.
+(scripts/bench_common.py), whose peak memory growth is reported too. `generate_matches_forward` checks
+that generate()'s first-step logits equal a plain forward's: PEFT 0.21's prefix tuning on transformers
+5.x applies its prefix in forward() but drops it in generate() (the peer then generates as if it had
+no prefix, doing less work than a P-tuned model must).
 
     python -m scripts.bench_generate                     # tiny and mid, fp32, batch 1 and 8
     python -m scripts.bench_generate --sizes mid --profile
@@ -62,11 +65,19 @@ class Generate:
         self.ids = ids
         self.attention_mask = torch.ones_like(ids)
 
-    def __call__(self, new_tokens: int) -> torch.Tensor:
+    def __call__(self, new_tokens: int, **kwargs):
         return self.model.generate(
             input_ids=self.ids, attention_mask=self.attention_mask, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2, **kwargs,
         )
+
+    def first_step_matches_forward(self) -> tuple[bool, float]:
+        """Whether generate()'s first-step logits equal a plain forward's last-position logits: False
+        when generate() drops the prefix the forward applies. Returns (match, max |diff| / logit range)."""
+        first = self(1, return_dict_in_generate=True, output_logits=True).logits[0].float()
+        reference = self.model(input_ids=self.ids, attention_mask=self.attention_mask).logits[:, -1].float()
+        error = float((first - reference).abs().max() / (reference.max() - reference.min()))
+        return error < 1e-2, error
 
 
 def _median_seconds(call, repeats: int) -> float:
@@ -88,7 +99,10 @@ def generate_case(shape: ModelShape, variant: str, dtype: str, batch: int, promp
             raise RuntimeError(f"generate() made {produced} tokens per row, expected {new_tokens}")
         first = _median_seconds(lambda: generate(1), repeats)
         total = _median_seconds(lambda: generate(new_tokens), repeats)
+        matches, error = generate.first_step_matches_forward()
     return {
+        "generate_matches_forward": matches,
+        "first_step_relative_error": float(f"{error:.3g}"),
         "ttft_ms": round(first * 1e3, 2),
         "generate_s": round(total, 4),
         "tokens_per_s": round(batch * new_tokens / total, 2),
@@ -116,7 +130,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 COLUMNS = [
     "size", "dtype", "batch", "variant", "ttft_ms", "tokens_per_s", "decode_tokens_per_s", "x_peer_tokens_per_s",
-    "x_peer_ttft", "prefix_decode_overhead", "peak_growth_mib", "error",
+    "x_peer_ttft", "prefix_decode_overhead", "peak_growth_mib", "generate_matches_forward", "error",
 ]
 
 
@@ -159,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         for dtype in dtypes:
             for batch in batch_sizes:
                 for variant in VARIANTS:
-                    kwargs = dict(shape=shape, variant=variant, dtype=dtype, batch=batch, prompt_len=args.prompt_len,
-                                  new_tokens=args.new_tokens, repeats=args.repeats)
+                    kwargs = {"shape": shape, "variant": variant, "dtype": dtype, "batch": batch,
+                              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats}
                     result = run_isolated(generate_case, kwargs, args.threads, args.timeout)
                     result.pop("traceback", None)
                     rows.append({"size": shape.name, "dtype": dtype, "batch": batch, "variant": variant, **result})

@@ -51,6 +51,7 @@ from scripts.bench_common import (
     markdown,
     matmul_peak,
     run_isolated,
+    status_mib,
     trainable_parameters,
 )
 
@@ -121,8 +122,6 @@ def train_case(
     shape: ModelShape, variant: str, dtype: str, checkpointing: bool, batch: int, prompt_len: int, answer_len: int, repeats: int
 ) -> dict:
     """Runs in a child: build, warm up, time `repeats` steps, then count FLOPs (after the memory peak is read)."""
-    from scripts.bench_common import _status_mib
-
     model = build_model(shape, variant, DTYPES[dtype])
     model.train()
     if checkpointing:
@@ -134,7 +133,7 @@ def train_case(
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _status_mib("VmHWM")  # before the FLOP count, whose dispatch mode must not add to the peak
+    peak = status_mib("VmHWM")  # before the FLOP count, whose dispatch mode must not add to the peak
     flops = count_matmul_flops(step)
     trainable = trainable_parameters(model)
     median = statistics.median(times)
@@ -238,8 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
         for dtype in dtypes:
             for ckpt in checkpointing:
                 for variant in VARIANTS:
-                    kwargs = dict(shape=shape, variant=variant, dtype=dtype, checkpointing=ckpt, batch=args.batch,
-                                  prompt_len=args.prompt_len, answer_len=args.answer_len, repeats=args.repeats)
+                    kwargs = {"shape": shape, "variant": variant, "dtype": dtype, "checkpointing": ckpt,
+                              "batch": args.batch, "prompt_len": args.prompt_len, "answer_len": args.answer_len,
+                              "repeats": args.repeats}
                     result = run_isolated(train_case, kwargs, args.threads, args.timeout)
                     result.pop("traceback", None)
                     rows.append({"size": shape.name, "dtype": dtype, "checkpointing": "on" if ckpt else "off",

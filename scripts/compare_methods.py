@@ -14,8 +14,8 @@ evaluation on the dev file; only the method's own settings and learning rate dif
         --pre_seq_len 128 --quantization_bit 4 --train_file AdvertiseGen/train.json ...
 
 Peak memory is the peak GPU memory allocated on CUDA; on CPU it is the peak resident memory of
-the run above what the process held before loading the model (so it includes the activation,
-optimizer and framework buffers of the run, with some allocator noise).
+the run above what the process held once its libraries were imported (model, data, activations,
+optimizer states, evaluation; allocator noise of some MiB included).
 """
 
 from __future__ import annotations
@@ -58,10 +58,17 @@ def _rss_bytes() -> int:
 
 def run_child(output_dir: str, train_argv: list[str]) -> int:
     """Child process: run the training CLI and record its peak memory into output_dir."""
+    # Import (and initialise) every library the run uses first, so the baseline holds them.
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import jieba
+    import peft  # noqa: F401
     import torch
+    import transformers.trainer  # noqa: F401
 
     from chatglm_ptuning.train import main
 
+    jieba.initialize()
     baseline = _rss_bytes()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -152,6 +159,22 @@ def markdown_table(rows: list[dict]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
+def describe_setup(args: argparse.Namespace, rows: list[dict]) -> str:
+    """One paragraph saying what the table measured."""
+    memory = "peak GPU memory allocated" if rows and rows[0]["peak_memory_kind"] == "cuda" else (
+        "peak resident memory above the imported libraries (CPU)"
+    )
+    rates = ", ".join(f"{r['method']} {r['learning_rate']:g}" for r in rows)
+    bits = f", INT{args.quantization_bit} backbone (full: dense)" if args.quantization_bit else ""
+    return (
+        f"Model `{Path(args.model_name_or_path).name}`{bits}; {args.max_steps} steps of batch {args.batch_size} "
+        f"from `{Path(args.train_file).name}` (prompt/response up to {args.max_source_length}/{args.max_target_length} "
+        f"tokens); soft prompts of {args.pre_seq_len} virtual tokens, LoRA rank {args.lora_rank}; learning rates: {rates}. "
+        f"Scores: greedy generation on the first {args.max_eval_samples} rows of `{Path(args.validation_file).name}`. "
+        f"Memory: {memory}. Step time: training time / steps."
+    )
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -192,13 +215,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--response_column", default="summary")
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "output" / "compare_methods"))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset, in table order")
-    parser.add_argument("--max_steps", type=int, default=150)
+    parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--max_eval_samples", type=int, default=40)
+    parser.add_argument("--max_eval_samples", type=int, default=20)
     parser.add_argument("--max_source_length", type=int, default=64)
     parser.add_argument("--max_target_length", type=int, default=64)
-    parser.add_argument("--logging_steps", type=int, default=5)
+    parser.add_argument("--logging_steps", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--pre_seq_len", type=int, default=16, help="virtual tokens of the soft-prompt methods")
     parser.add_argument("--prefix_projection", action="store_true", help="ptuning_v2 with the MLP reparameterisation")
@@ -244,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = {k: v for k, v in vars(args).items() if k not in ("learning_rate", "output_dir")}
     (out / "methods.json").write_text(json.dumps({"setup": setup, "results": rows}, indent=2, ensure_ascii=False) + "\n")
     table = markdown_table(rows)
-    (out / "methods.md").write_text(table)
+    (out / "methods.md").write_text(describe_setup(args, rows) + "\n\n" + table)
     plot_curves(rows, out / "loss_curves.png")
     print(table)
     print(f"written: {out / 'methods.md'}, {out / 'methods.json'}, {out / 'loss_curves.png'}")

@@ -42,7 +42,9 @@ def free_port() -> int:
 
 
 def server_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1"
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
@@ -62,10 +64,14 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 @contextlib.contextmanager
-def running_server(command: Sequence[str], probe_url: str, log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+def running_server(
+    command: Sequence[str], probe_url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
     """Start `command` (from the repository root), wait until `probe_url` answers, stop it afterwards."""
     with open(log, "w") as out:
-        process = subprocess.Popen(list(command), cwd=REPO_ROOT, env=env or server_env(), stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            list(command), cwd=REPO_ROOT, env=env or server_env(), stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         wait_until_up(probe_url, process, log)
         yield process

@@ -10,11 +10,11 @@ from servers import free_port, python_module, running_server, write_prefix_check
 
 httpx = pytest.importorskip("httpx", reason="pip install gradio (brings httpx, fastapi, uvicorn)")
 openai = pytest.importorskip("openai", reason="pip install openai (requirements-test.txt)")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from chatglm_ptuning.api import ServerLimits, create_app  # noqa: E402
-from chatglm_ptuning.loading import load_model  # noqa: E402
-from chatglm_ptuning.serving import ChatModel  # noqa: E402
+from chatglm_ptuning.api import Message, ServerLimits, conversation, create_app
+from chatglm_ptuning.loading import load_model
+from chatglm_ptuning.serving import ChatModel
 
 MODEL_ID = "tiny-chatglm2-pt"
 MAX_TOKENS = 64  # the server's --max_tokens
@@ -77,7 +77,7 @@ def test_completion_is_the_greedy_chat_reply_with_usage(client, reference):
     choice = reply.choices[0]
     assert reply.model == MODEL_ID and reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
     assert choice.message.role == "assistant" and choice.message.content == greedy(reference, "你好")
-    model, tokenizer = reference
+    tokenizer = reference[1]
     assert reply.usage.prompt_tokens == len(tokenizer(tokenizer.build_prompt("你好", []))["input_ids"])
     assert 0 < reply.usage.completion_tokens <= 24
     assert choice.finish_reason == ("length" if reply.usage.completion_tokens == 24 else "stop")
@@ -97,7 +97,12 @@ def test_history_and_system_message(client, reference):
 
 
 def test_streaming_deltas_add_up_to_the_reply(client, api_url):
-    request = dict(model=MODEL_ID, messages=[{"role": "user", "content": "介绍一下你自己"}], temperature=0, max_tokens=40)
+    request = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "介绍一下你自己"}],
+        "temperature": 0,
+        "max_tokens": 40,
+    }
     whole = client.chat.completions.create(**request).choices[0].message.content
     chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -147,12 +152,25 @@ BAD_REQUESTS = {
 def test_bad_request_gets_a_clear_4xx(api_url, name):
     body, status, param, snippet = BAD_REQUESTS[name]
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(f"{api_url}/chat/completions", content=content, headers={"content-type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{api_url}/chat/completions", content=content, headers={"content-type": "application/json"}, timeout=60
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert snippet in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
     if name == "prompt over the context":
         assert error["code"] == "context_length_exceeded"
+
+
+def test_chatglm3_keeps_system_messages_in_its_history():
+    messages = [
+        Message(role=r, content=c) for r, c in [("system", "s"), ("user", "q1"), ("assistant", "a1"), ("user", "q2")]
+    ]
+    assert conversation(messages, message_history=True) == (
+        "q2",
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+    )
+    assert conversation(messages, message_history=False) == ("s\nq2", [("q1", "a1")])
 
 
 def test_openai_client_sees_bad_requests_as_errors(client):

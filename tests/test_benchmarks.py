@@ -13,9 +13,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the benchmarks are the `scripts` package; their child processes import it too
 
-from scripts import bench, bench_eval  # noqa: E402
-from scripts.bench_common import OURS, OURS_NO_PREFIX, VARIANTS  # noqa: E402
-from scripts.bench_train import count_matmul_flops  # noqa: E402
+from scripts import bench, bench_eval
+from scripts.bench_common import OURS, OURS_NO_PREFIX, VARIANTS
+from scripts.bench_train import count_matmul_flops
 
 
 def test_flop_count_includes_cpu_attention_and_linears():
@@ -56,6 +56,8 @@ def test_bench_quick_runs_train_generate_quant_and_writes_reports(tmp_path, caps
     for row in generate["rows"]:
         assert "error" not in row, row
         assert row["ttft_ms"] > 0 and row["tokens_per_s"] > 0
+        if row["variant"] in (OURS, OURS_NO_PREFIX):  # generate() must apply our prefix exactly as forward() does
+            assert row["generate_matches_forward"] is True, row
     assert on_disk["quant"]["linear"]
 
     markdown = (tmp_path / "results.md").read_text()

@@ -50,7 +50,16 @@ def test_command_line_session(tiny_glm2_dir, checkpoint):
         "chatglm_ptuning.cli_demo", "--model_name_or_path", str(tiny_glm2_dir), "--ptuning_checkpoint", str(checkpoint),
         "--max_length", "40",
     )  # fmt: skip
-    result = subprocess.run(command, input=session, cwd=REPO_ROOT, env=server_env(), capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        command,
+        input=session,
+        cwd=REPO_ROOT,
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith(f"{NAME}, P-tuning v2 (pre_seq_len 4, with prefix projection)")
@@ -74,7 +83,7 @@ def test_history_is_kept_and_clear_forgets_it(chat_model):
     kept = run_loop(chat_model, ["你好", "再说一遍"], max_length=48, temperature=0)
     notice = kept.index("[Input truncated: ")
     assert kept[:notice].endswith(f"\n{NAME}: {first}\n") and kept.endswith(f"]\n\n{NAME}: {alone}\n\n"), kept
-    assert "the 1 oldest turn of the conversation were left out" in kept
+    assert "the oldest turn of the conversation was left out" in kept
     cleared = run_loop(chat_model, ["你好", "clear", "你好", "stop", "你好"], max_length=48, temperature=0)
     assert cleared.endswith(f"\n{NAME}: {first}\nHistory cleared.\n\n{NAME}: {first}\n"), "stop quits at once"
     assert "Input truncated" not in cleared

@@ -415,3 +415,28 @@ def test_cli_method_misuse_is_one_clear_error_line(tmp_path, tiny_glm2_dir, caps
         assert main([*common, *extra]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+@pytest.mark.slow
+def test_compare_methods_writes_the_table_the_json_and_the_curves(tmp_path, tiny_glm2_dir):
+    import subprocess
+    import sys
+
+    out = tmp_path / "compare"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "compare_methods.py"), "--model_name_or_path", str(tiny_glm2_dir),
+         "--methods", "prompt_tuning,lora", "--max_steps", "2", "--logging_steps", "1", "--max_eval_samples", "2",
+         "--max_source_length", "16", "--max_target_length", "8", "--pre_seq_len", "4", "--output_dir", str(out)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "methods.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["prompt_tuning", "lora"]
+    for row in results:
+        assert {"trainable_parameters", "trainable_share", "peak_memory_mib", "step_time_s", "final_train_loss",
+                "rouge-1", "rouge-2", "rouge-l", "bleu-4"} <= set(row)
+        assert len(row["loss_curve"]) == 2 and row["peak_memory_mib"] > 0 and row["step_time_s"] > 0
+    assert results[0]["trainable_parameters"] == P * tiny_config("chatglm2").hidden_size
+    table = (out / "methods.md").read_text()
+    assert "| prompt_tuning | 128 |" in table and "| lora |" in table
+    assert (out / "loss_curves.png").stat().st_size > 1000

@@ -35,17 +35,26 @@ def test_fit_leaves_short_prompts_alone(chat_model):
 def test_fit_drops_oldest_turns_first(chat_model):
     history = history_for(chat_model, [("第一个问题" * 10, "第一个回答" * 10), ("第二个问题", "第二个回答")])
     limit = chat_model.prompt_tokens("问题", history_for(chat_model, [("第二个问题", "第二个回答")]))
-    fitted = chat_model.fit("问题", history, limit)
-    assert fitted.history == history_for(chat_model, [("第二个问题", "第二个回答")])  # ChatGLM3 keeps the system message
+    max_length = next(m for m in range(limit, 2 * limit) if m - m // 4 == limit)  # a quarter is kept for the reply
+    fitted = chat_model.fit("问题", history, max_length)
+    # ChatGLM3 keeps the system message.
+    assert fitted.history == history_for(chat_model, [("第二个问题", "第二个回答")])
     assert fitted.query == "问题" and fitted.prompt_tokens <= limit
-    assert "the 1 oldest turn of the conversation were left out" in fitted.notice
+    assert "the oldest turn of the conversation was left out" in fitted.notice
 
 
 def test_fit_cuts_a_long_query_to_its_beginning(chat_model):
     query = "一二三四五六七八九十" * 30
     fitted = chat_model.fit(query, history_for(chat_model, [("你好", "你好！")]), 40)
-    assert fitted.prompt_tokens <= 40 and query.startswith(fitted.query) and len(fitted.query) < len(query)
+    assert fitted.prompt_tokens <= 30 and query.startswith(fitted.query) and len(fitted.query) < len(query)
     assert "oldest turn" in fitted.notice and "the message was cut to its first" in fitted.notice
+
+
+def test_fit_refuses_a_maximum_length_without_room(chat_model):
+    with pytest.raises(ValueError, match="A maximum length of 4 tokens leaves too little room"):
+        chat_model.fit("你好", [], 4)
+    assert chat_model.capped_max_length(10**6) == chat_model.context_length
+    assert chat_model.capped_max_length(None) == min(chat_model.family.max_length, chat_model.context_length)
 
 
 def test_stream_yields_growing_text_and_watch_counts_tokens(chat_model):

@@ -14,9 +14,9 @@ import pytest
 from servers import REPO_ROOT, free_port, running_server, server_env, write_prefix_checkpoint
 
 gradio_client = pytest.importorskip("gradio_client", reason="pip install gradio (requirements.txt)")
-from chatglm_ptuning import web_demo  # noqa: E402
-from chatglm_ptuning.loading import load_model  # noqa: E402
-from chatglm_ptuning.serving import load_chat_model  # noqa: E402
+from chatglm_ptuning import web_demo
+from chatglm_ptuning.loading import load_model
+from chatglm_ptuning.serving import ChatModel, load_chat_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # No network, no sandbox (tests run as root), nothing phoning home.
@@ -68,7 +68,9 @@ def web_server(tmp_path_factory, tiny_glm2_dir, output_dir):
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-test.txt)")
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Debian chromium not found at {CHROMIUM}: apt-get install -y chromium (bash scripts/install.sh --test)")
+        pytest.fail(
+            f"Debian chromium not found at {CHROMIUM}: apt-get install -y chromium (bash scripts/install.sh --test)"
+        )
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         yield chromium
@@ -91,7 +93,9 @@ def bot_texts(page) -> list[str]:
 def test_web_demo_sh_without_a_checkpoint_says_how_to_make_one(tmp_path):
     env = server_env(OUTPUT_DIR=str(tmp_path), CHECKPOINT="")
     env.pop("MODEL_PATH", None)
-    result = subprocess.run(["bash", "web_demo.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["bash", "web_demo.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode != 0
     assert "bash train.sh" in result.stderr and str(tmp_path) in result.stderr
 
@@ -116,13 +120,13 @@ def test_serves_the_last_complete_checkpoint_greedy_as_loaded_here(web_server, t
 def test_chat_streams_and_keeps_history_per_session(web_server):
     alice = gradio_client.Client(web_server, verbose=False)
     bob = gradio_client.Client(web_server, verbose=False)
-    job_a = alice.submit("你好", 128, 0.8, 0.95, api_name="/chat")
-    job_b = bob.submit("介绍一下你自己", 128, 0.8, 0.95, api_name="/chat")  # queued behind alice (concurrency 1)
+    job_a = alice.submit("你好", 64, 0.8, 0.95, api_name="/chat")
+    job_b = bob.submit("介绍一下你自己", 64, 0.8, 0.95, api_name="/chat")  # queued behind alice (concurrency 1)
     partial = [turns(output[0])[-1][1] for output in job_a if isinstance(output[0], list)]
     assert len(set(partial)) >= 3, "the reply should arrive in several growing pieces"
     assert partial[-1] == turns(job_a.outputs()[-1][0])[-1][1] != ""
     job_b.result()
-    second = turns(alice.predict("再说一遍", 128, 0.8, 0.95, api_name="/chat")[0])
+    second = turns(alice.predict("再说一遍", 256, 0.8, 0.95, api_name="/chat")[0])  # room for the first turn
     assert [role for role, _ in second] == ["user", "assistant", "user", "assistant"]
     assert (second[0][1], second[2][1]) == ("你好", "再说一遍")
     bob_turns = turns(job_b.outputs()[-1][0])
@@ -131,7 +135,7 @@ def test_chat_streams_and_keeps_history_per_session(web_server):
 
 def test_empty_input_does_nothing_and_clear_forgets(web_server):
     client = gradio_client.Client(web_server, verbose=False)
-    chatbot, textbox = client.predict("   ", 64, 0.8, 0.95, api_name="/chat")
+    chatbot, _ = client.predict("   ", 64, 0.8, 0.95, api_name="/chat")
     assert not isinstance(chatbot, list), "an empty message must not change the chat"
     client.predict("你好", 64, 0.8, 0.95, api_name="/chat")
     client.predict(api_name="/clear")
@@ -144,7 +148,11 @@ def test_long_input_is_truncated_with_a_visible_notice(web_server):
     long_message = "这是一段很长的输入。" * 80  # several hundred tokens, over the 256-token context
     shown = turns(client.predict(long_message, 8192, 0.8, 0.95, api_name="/chat")[0])
     assert shown[0] == ("user", long_message)
-    assert shown[1][0] == "assistant" and "Input truncated" in shown[1][1] and f"{CONTEXT}-token context" in shown[1][1]
+    assert (
+        shown[1][0] == "assistant"
+        and "Input truncated" in shown[1][1]
+        and f"the model's context is {CONTEXT}" in shown[1][1]
+    )
     assert shown[2][0] == "assistant" and len(shown) == 3
 
 
@@ -152,7 +160,7 @@ def test_page_in_chromium_answers_and_renders_markdown(web_server, browser, outp
     page, hosts = open_page(browser, web_server)
     info = page.locator("#model-info").inner_text()
     assert str(output_dir / "checkpoint-5") in info and "P-tuning v2" in info and "ChatGLM2-6B" in info
-    page.locator("#user-input textarea").fill("写一段代码：\n```python\nprint('你好')\n```")
+    page.locator("#user-input textarea").fill("类型#裙*风格#学院*颜色#黑色\n```python\nprint('你好')\n```")
     page.locator("#submit").click()
     seen: list[str] = []  # each distinct state of the reply, until it has not changed for 1.5 s
     changed = deadline = time.monotonic()
@@ -165,6 +173,8 @@ def test_page_in_chromium_answers_and_renders_markdown(web_server, browser, outp
     assert len(seen) >= 2 and seen[-1].strip(), f"no streamed reply in the page: {seen}"
     user_bubble = page.locator("#chatbot [data-testid='user']").last
     assert "print('你好')" in user_bubble.locator("pre code").inner_text(), "code fences render as code blocks"
+    assert "类型#裙*风格#学院*颜色#黑色" in user_bubble.inner_text(), "the rest of a message shows as typed"
+    assert user_bubble.locator("em").count() == 0
     assert page.locator("#user-input textarea").input_value() == "", "the input box is cleared on Submit"
     shot = tmp_path / "web_demo.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -196,7 +206,9 @@ class WatchedGenerate:
 
 @pytest.fixture(scope="module")
 def inprocess(tiny_glm2_dir, output_dir):
-    args = web_demo.parse_args(["--model_name_or_path", str(tiny_glm2_dir), "--ptuning_checkpoint", str(output_dir / "checkpoint-5")])
+    args = web_demo.parse_args(
+        ["--model_name_or_path", str(tiny_glm2_dir), "--ptuning_checkpoint", str(output_dir / "checkpoint-5")]
+    )
     chat_model = load_chat_model(args)
     demo = web_demo.build_demo(chat_model)
     demo.queue(default_concurrency_limit=1)
@@ -222,10 +234,43 @@ def test_generation_error_shows_in_the_chat_and_the_server_keeps_serving(inproce
     assert after[-1][0] == "assistant" and "Generation failed" not in after[-1][1] and after[-1][1]
 
 
+def test_replies_render_markdown_and_code_blocks(inprocess, browser, monkeypatch):
+    chat_model, url = inprocess
+    reply = "用 **Python**：\n\n```python\nprint('你好')\n```"
+
+    def markdown_reply(tokenizer, query, history, **kwargs):
+        for end in (5, len(reply)):
+            yield reply[:end], [*history, (query, reply[:end])]
+
+    monkeypatch.setattr(chat_model.model, "stream_chat", markdown_reply)
+    page, _ = open_page(browser, url)
+    page.locator("#user-input textarea").fill("怎么打印你好？")
+    page.locator("#submit").click()
+    code = page.locator("#chatbot [data-testid='bot'] pre code")
+    code.wait_for(timeout=30_000)
+    assert code.inner_text().strip() == "print('你好')"
+    assert page.locator("#chatbot [data-testid='bot'] strong").inner_text() == "Python"
+    page.close()
+
+
+def test_literal_markdown_keeps_code_and_escapes_the_rest():
+    text = "类型#裙*风格#学院*\n```python\nprint('a*b')\n```\n用 `x_y` 1. a_b"
+    assert web_demo.literal_markdown(text) == (
+        "类型\\#裙\\*风格\\#学院\\*\n```python\nprint('a*b')\n```\n用 `x_y` 1\\. a\\_b"
+    )
+
+
 def test_stop_button_ends_generation(inprocess, browser, monkeypatch):
     chat_model, url = inprocess
     watched = WatchedGenerate(chat_model.model.generate)
     monkeypatch.setattr(chat_model.model, "generate", watched)
+    forward = chat_model.model.forward
+
+    def slow_forward(*args, **kwargs):  # >= 5 s for a full reply, so Stop surely comes first on a busy machine
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(chat_model.model, "forward", slow_forward)
     page, _ = open_page(browser, url)
     page.locator("#user-input textarea").fill("你好")
     page.locator("#submit").click()
@@ -235,5 +280,35 @@ def test_stop_button_ends_generation(inprocess, browser, monkeypatch):
     page.locator("#stop").click()
     assert watched.done.wait(30), "generation did not end after Stop"
     # The slider's 8192 is capped at the 256-token context: a full reply would run to 256 tokens.
-    assert watched.lengths and watched.lengths[-1] < CONTEXT - 20, f"Stop did not cut generation short: {watched.lengths}"
+    assert watched.lengths and watched.lengths[-1] < CONTEXT - 20, (
+        f"Stop did not cut generation short: {watched.lengths}"
+    )
     page.close()
+
+
+# ---- other families: the page's handler without a server ------------------------------------
+
+
+class FakeRequest:
+    session_hash = "test-session"
+
+
+@pytest.mark.parametrize("family", ["glm1", "glm3"])
+def test_other_families_chat_with_their_own_defaults_and_history(request, family):
+    chat_model = ChatModel(*load_model(request.getfixturevalue(f"tiny_{family}_dir")))
+    defaults = web_demo.SLIDER_DEFAULTS[chat_model.family.name]
+    assert (family, defaults) in {
+        ("glm1", web_demo.SliderDefaults(4096, 2048, 0.7, 0.95)),
+        ("glm3", web_demo.SliderDefaults(32768, 8192, 0.8, 0.6)),
+    }
+    web_demo.build_demo(chat_model)  # the page builds for this family
+    respond = web_demo.make_respond(chat_model, web_demo.ActiveGenerations())
+    session = web_demo._new_session()
+    for query in ("你好", "再说一遍"):
+        *_, (messages, session, _) = respond(query, 40, defaults.top_p, 0.0, session, FakeRequest())
+    assert [m["role"] for m in messages if not m["content"].startswith("⚠️")] == ["user", "assistant"] * 2
+    history = session["history"]
+    if family == "glm3":
+        assert history[-2] == {"role": "user", "content": "再说一遍"} and history[-1]["role"] == "assistant"
+    else:
+        assert history[-1][0] == "再说一遍"
