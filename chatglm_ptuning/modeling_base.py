@@ -8,9 +8,9 @@ Family files (`modeling_chatglm.py`, `modeling_chatglm2.py`) hold only their arc
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.cache_utils import Cache
 
 from .chat import ChatMixin
@@ -160,6 +160,22 @@ class PrefixTuningMixin:
         if reusable:
             setattr(cache, _CACHED_PREFIX_ATTRIBUTE, prefix)
         return prefix
+
+
+def lm_head_output(
+    head: nn.Module, hidden_states: torch.Tensor, labels: torch.Tensor | None, logits_to_keep: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [b, s, V] from hidden states [b, s, H] (the last `logits_to_keep` positions when > 0)
+    and, with labels [b, s], the original's loss: fp32 logits, position t predicts label t+1,
+    ignore_index -100, mean over the rest, cast back to the activation dtype."""
+    if logits_to_keep:
+        hidden_states = hidden_states[:, -logits_to_keep:]
+    logits = head(hidden_states)
+    if labels is None:
+        return logits, None
+    shift_logits = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return logits, F.cross_entropy(shift_logits, shift_labels, ignore_index=-100).to(hidden_states.dtype)
 
 
 def freeze_backbone_for_prefix(model: nn.Module) -> None:

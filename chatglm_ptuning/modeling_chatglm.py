@@ -38,7 +38,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration import ChatGLM6BConfig
-from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
+from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin, lm_head_output
 
 VIRTUAL_TOKEN_ID = -1  # stands for a virtual input token where the mask is derived from ids; never embedded
 MASK_FILL = -10000.0  # the original fills blocked scores with this (not -inf) before the layer coefficient
@@ -558,16 +558,7 @@ class ChatGLMForConditionalGeneration(ChatGLMLMBase, ChatGLM6BPreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
-        hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            shift_logits = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100).to(hidden_states.dtype)
+        logits, loss = lm_head_output(self.lm_head, outputs.last_hidden_state, labels, logits_to_keep)
 
         output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
         if return_dict is False:

@@ -23,7 +23,7 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import ChatGLM2Config
-from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
+from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin, lm_head_output
 
 logger = logging.get_logger(__name__)
 
@@ -438,16 +438,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLMLMBase):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.transformer.output_layer(hidden_states)
-
-        loss = None
-        if labels is not None:
-            shift_logits = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100).to(hidden_states.dtype)
+        logits, loss = lm_head_output(self.transformer.output_layer, outputs.last_hidden_state, labels, logits_to_keep)
 
         output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
         return_dict = self.config.return_dict if return_dict is None else return_dict

@@ -60,7 +60,7 @@ def write_synthetic_checkpoint(arch: str, folder: Path) -> int:
 
     import chatglm_ptuning  # noqa: F401
     from chatglm_ptuning import ChatGLMConfig
-    from chatglm_ptuning.official_format import official_config_dict, write_state_dict
+    from chatglm_ptuning.official_format import official_config_dict
 
     config = ChatGLMConfig(**SIX_B[arch])
     with torch.device("meta"):
