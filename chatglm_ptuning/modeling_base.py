@@ -173,9 +173,10 @@ def lm_head_output(
     logits = head(hidden_states)
     if labels is None:
         return logits, None
-    shift_logits = logits.float()[:, :-1].reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return logits, F.cross_entropy(shift_logits, shift_labels, ignore_index=-100).to(hidden_states.dtype)
+    # Shift the labels, not the logits: no copy of the [b, s, V] logits and none in backward.
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+    return logits, loss.to(hidden_states.dtype)
 
 
 def freeze_backbone_for_prefix(model: nn.Module) -> None:

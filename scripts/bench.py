@@ -7,6 +7,7 @@ lands beside the results. A benchmark that fails is recorded under `errors` and 
 the exit status is then 1.
 
     python -m scripts.bench                       # full run (tens of minutes on a 2-core CPU)
+    python -m scripts.bench --rounds 2            # ... each variant twice, in rotated order (steadier on a shared machine)
     python -m scripts.bench --readme README.md    # ... and put the tables in README's benchmark section
     python -m scripts.bench --quick --output-dir /tmp/bench   # smoke test (used by the tests)
 """
@@ -67,17 +68,22 @@ def _tables_only(printed: str) -> str:
 
 
 THREADED = ("train", "generate", "quant")  # the benchmarks that take --threads
+ROUNDED = ("train", "generate")  # the benchmarks that take --rounds
 
 
-def run_all(names: list[str], quick: bool, output_dir: Path, threads: int | None = None) -> tuple[dict, dict[str, str]]:
-    """Run the named benchmarks (with `--threads threads` where they take it, when given); returns their
-    reports (or errors) and their printed tables."""
+def run_all(
+    names: list[str], quick: bool, output_dir: Path, threads: int | None = None, rounds: int | None = None
+) -> tuple[dict, dict[str, str]]:
+    """Run the named benchmarks (with `--threads` / `--rounds` where they take them, when given); returns
+    their reports (or errors) and their printed tables."""
     results: dict = {"errors": {}}
     sections: dict[str, str] = {}
     for name in names:
         argv = (["--quick"] if quick else []) + ["--output", str(output_dir / f"bench_{name}.json")]
         if threads is not None and name in THREADED:
             argv += ["--threads", str(threads)]
+        if rounds is not None and name in ROUNDED:
+            argv += ["--rounds", str(rounds)]
         print(f"\n# {name}: {' '.join(argv)}", flush=True)
         tee = _Tee(sys.stdout)
         process_threads = torch.get_num_threads()
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--readme", type=Path, default=None, help="update this README's benchmark section")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for train, generate and quant (0 = torch's default); default: each script's own")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of every variant for train and generate (the fastest is reported); default: theirs (1)")
     args = parser.parse_args(argv)
     names = args.only.split(",")
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     machine = machine_info()
-    results, sections = run_all(names, args.quick, args.output_dir, args.threads)
+    results, sections = run_all(names, args.quick, args.output_dir, args.threads, args.rounds)
     results.update(machine=machine, quick=args.quick,
                    generated_at=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

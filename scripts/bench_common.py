@@ -176,6 +176,47 @@ def run_isolated(fn: Callable[..., dict], kwargs: dict, threads: int, timeout: f
     return result
 
 
+def run_variants(
+    case: Callable[..., dict],
+    kwargs: dict,
+    merge: Callable[[list[dict]], dict],
+    threads: int,
+    timeout: float,
+    rounds: int,
+    label: str,
+) -> dict[str, dict]:
+    """Every variant of one setting, each `rounds` times in its own child (`case(variant=v, **kwargs)`),
+    the order rotated every round so a drift in the machine's load falls on all variants alike.
+    `merge` turns one variant's per-round results (all without errors) into its row; a variant that
+    failed in any round reports that round's error instead."""
+    results: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for round_index in range(rounds):
+        shift = round_index % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            result = run_isolated(case, {**kwargs, "variant": variant}, threads, timeout)
+            result.pop("traceback", None)
+            results[variant].append(result)
+            print(f"  {label} {variant}: {result.get('tokens_per_s', result.get('error'))}", flush=True)
+    rows = {}
+    for variant, runs in results.items():
+        failed = [run for run in runs if "error" in run]
+        rows[variant] = failed[0] if failed else merge(runs)
+    return rows
+
+
+def merge_rounds(runs: list[dict], times: Sequence[str]) -> dict:
+    """One row from per-round results: the smallest of each `times` field (other processes only ever add
+    time, so the fastest round is the closest to the configuration's own cost), the largest peak memory,
+    and the other fields of the first round; `rounds` records how many there were."""
+    merged = dict(runs[0])
+    for field in times:
+        merged[field] = min(run[field] for run in runs)
+    for field in ("peak_rss_mib", "peak_growth_mib"):
+        merged[field] = max(run[field] for run in runs)
+    merged["rounds"] = len(runs)
+    return merged
+
+
 # ---------------------------------------------------------------- machine
 
 def _matmul_peak(dtype: str, size: int, repeats: int) -> dict:

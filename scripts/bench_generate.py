@@ -38,13 +38,13 @@ from scripts.bench_common import (
     PEER,
     PEER_NO_PREFIX,
     SHAPES,
-    VARIANTS,
     ModelShape,
     build_model,
     machine_info,
     machine_line,
     markdown,
-    run_isolated,
+    merge_rounds,
+    run_variants,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,12 +103,29 @@ def generate_case(shape: ModelShape, variant: str, dtype: str, batch: int, promp
     return {
         "generate_matches_forward": matches,
         "first_step_relative_error": float(f"{error:.3g}"),
-        "ttft_ms": round(first * 1e3, 2),
-        "generate_s": round(total, 4),
-        "tokens_per_s": round(batch * new_tokens / total, 2),
-        # None when noise makes the N-token median no longer than the one-token median
-        "decode_tokens_per_s": round(batch * (new_tokens - 1) / (total - first), 2) if total > first else None,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        **_rates(first, total, batch, new_tokens),
     }
+
+
+def _rates(first_s: float, total_s: float, batch: int, new_tokens: int) -> dict:
+    return {
+        "ttft_ms": round(first_s * 1e3, 2),
+        "generate_s": round(total_s, 4),
+        "tokens_per_s": round(batch * new_tokens / total_s, 2),
+        # None when noise makes the N-token median no longer than the one-token median
+        "decode_tokens_per_s": round(batch * (new_tokens - 1) / (total_s - first_s), 2) if total_s > first_s else None,
+    }
+
+
+def merge_generate_rounds(runs: list[dict]) -> dict:
+    """A variant's row from its rounds: the fastest round's times (and the rates from them), the largest
+    peak memory."""
+    row = merge_rounds(runs, ("ttft_ms", "generate_s"))
+    row["generate_matches_forward"] = all(run["generate_matches_forward"] for run in runs)
+    row.update(_rates(row["ttft_ms"] / 1e3, row["generate_s"], row["batch"], row["new_tokens"]))
+    return row
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -155,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant and round; the median is reported")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of every variant, in rotated order, each in a fresh child; the fastest is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every child; 0 = torch's default")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per variant and batch size")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "bench_generate.json")
@@ -172,19 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
     for shape in sizes:
         for dtype in dtypes:
             for batch in batch_sizes:
-                for variant in VARIANTS:
-                    kwargs = {"shape": shape, "variant": variant, "dtype": dtype, "batch": batch,
-                              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats}
-                    result = run_isolated(generate_case, kwargs, args.threads, args.timeout)
-                    result.pop("traceback", None)
-                    rows.append({"size": shape.name, "dtype": dtype, "batch": batch, "variant": variant, **result})
-                    print(f"  {shape.name} {dtype} batch {batch} {variant}: {result.get('tokens_per_s', result.get('error'))}", flush=True)
+                kwargs = {"shape": shape, "dtype": dtype, "batch": batch, "prompt_len": args.prompt_len,
+                          "new_tokens": args.new_tokens, "repeats": args.repeats}
+                label = f"{shape.name} {dtype} batch {batch}"
+                results = run_variants(generate_case, kwargs, merge_generate_rounds, args.threads, args.timeout, args.rounds, label)
+                for variant, result in results.items():
+                    rows.append({"size": shape.name, "dtype": dtype, "variant": variant, **result, "batch": batch})
     add_ratios(rows)
     info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report = {
         "machine": info,
         "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                     "threads": rows[0].get("threads") if rows else None, "prefix_len": {s.name: s.prefix for s in sizes},
+                     "rounds": args.rounds, "threads": rows[0].get("threads") if rows else None, "prefix_len": {s.name: s.prefix for s in sizes},
                      "shapes": {s.name: vars(s) for s in sizes}},
         "rows": rows,
     }
@@ -192,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(machine_line(info) + "\n")
     print(markdown(rows, COLUMNS))
     if args.profile:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         report["profile"] = {}
         for variant in (OURS, PEER):
             table = profile_generation(sizes[0], variant, dtypes[0], batch_sizes[0], args.prompt_len, args.new_tokens, top=30)

@@ -42,7 +42,6 @@ from scripts.bench_common import (
     PEER,
     PEER_NO_PREFIX,
     SHAPES,
-    VARIANTS,
     ModelShape,
     build_model,
     enable_checkpointing,
@@ -50,7 +49,8 @@ from scripts.bench_common import (
     machine_line,
     markdown,
     matmul_peak,
-    run_isolated,
+    merge_rounds,
+    run_variants,
     status_mib,
     trainable_parameters,
 )
@@ -136,18 +136,31 @@ def train_case(
     peak = status_mib("VmHWM")  # before the FLOP count, whose dispatch mode must not add to the peak
     flops = count_matmul_flops(step)
     trainable = trainable_parameters(model)
-    median = statistics.median(times)
     return {
-        "step_s": round(median, 4),
-        "step_s_min": round(min(times), 4),
-        "tokens_per_s": round(batch * (prompt_len + answer_len) / median, 1),
+        "step_s": statistics.median(times),
+        "step_s_min": min(times),
+        "tokens_per_step": batch * (prompt_len + answer_len),
         "matmul_gflop_per_step": float(f"{flops / 1e9:.4g}"),
-        "matmul_gflops": float(f"{flops / 1e9 / median:.4g}"),
         "first_loss": round(loss, 4),
         "trainable_params": sum(p.numel() for p in trainable),
         "trainable_dtype": str(trainable[0].dtype).removeprefix("torch.") if trainable else None,
         "vmhwm_mib": peak,
+        **_rates(statistics.median(times), batch * (prompt_len + answer_len), flops / 1e9),
     }
+
+
+def _rates(step_s: float, tokens: int, gflop: float) -> dict:
+    return {"tokens_per_s": round(tokens / step_s, 1), "matmul_gflops": float(f"{gflop / step_s:.4g}")}
+
+
+def merge_train_rounds(runs: list[dict]) -> dict:
+    """A variant's row from its rounds: the fastest round's median step time (and the rates from it),
+    the largest peak memory."""
+    row = merge_rounds(runs, ("step_s",))
+    row["step_s_min"] = min(run["step_s_min"] for run in runs)
+    row.update(_rates(row["step_s"], row["tokens_per_step"], row["matmul_gflop_per_step"]))
+    row["step_s"], row["step_s_min"] = round(row["step_s"], 4), round(row["step_s_min"], 4)
+    return row
 
 
 def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
@@ -218,7 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (labels -100)")
     parser.add_argument("--answer-len", type=int, default=128, help="answer tokens per row (trained on)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant and round; the median is reported")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of every variant, in rotated order, each in a fresh child; the fastest is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every child; 0 = torch's default")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per variant")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "bench_train.json")
@@ -231,28 +246,30 @@ def main(argv: list[str] | None = None) -> dict:
     checkpointing = [{"off": False, "on": True}[c] for c in args.checkpointing.split(",")]
 
     info = machine_info()
-    peaks = matmul_peak(dtypes, args.threads, size=256 if args.quick else 2048, repeats=2 if args.quick else 5)
+    peak_size, peak_repeats = (256, 2) if args.quick else (2048, 5)
+    peaks_before = matmul_peak(dtypes, args.threads, peak_size, peak_repeats)
     rows = []
     for shape in sizes:
         for dtype in dtypes:
             for ckpt in checkpointing:
-                for variant in VARIANTS:
-                    kwargs = {"shape": shape, "variant": variant, "dtype": dtype, "checkpointing": ckpt,
-                              "batch": args.batch, "prompt_len": args.prompt_len, "answer_len": args.answer_len,
-                              "repeats": args.repeats}
-                    result = run_isolated(train_case, kwargs, args.threads, args.timeout)
-                    result.pop("traceback", None)
+                kwargs = {"shape": shape, "dtype": dtype, "checkpointing": ckpt, "batch": args.batch,
+                          "prompt_len": args.prompt_len, "answer_len": args.answer_len, "repeats": args.repeats}
+                label = f"{shape.name} {dtype} checkpointing={'on' if ckpt else 'off'}"
+                results = run_variants(train_case, kwargs, merge_train_rounds, args.threads, args.timeout, args.rounds, label)
+                for variant, result in results.items():
                     rows.append({"size": shape.name, "dtype": dtype, "checkpointing": "on" if ckpt else "off",
                                  "variant": variant, **result})
-                    print(f"  {shape.name} {dtype} checkpointing={'on' if ckpt else 'off'} {variant}: "
-                          f"{result.get('tokens_per_s', result.get('error'))}", flush=True)
+    # measured again after the cases: the larger of the two is the reference (a busy machine lowers one of them)
+    peaks_after = matmul_peak(dtypes, args.threads, peak_size, peak_repeats)
+    peaks = {dtype: max(peaks_before[dtype], peaks_after[dtype]) for dtype in dtypes}
     add_ratios(rows, peaks)
     info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report = {
         "machine": info,
         "matmul_peak_gflops": peaks,
+        "matmul_peak_gflops_before_after": {dtype: [peaks_before[dtype], peaks_after[dtype]] for dtype in dtypes},
         "settings": {"batch": args.batch, "prompt_len": args.prompt_len, "answer_len": args.answer_len,
-                     "repeats": args.repeats, "threads": rows[0].get("threads") if rows else None,
+                     "repeats": args.repeats, "rounds": args.rounds, "threads": rows[0].get("threads") if rows else None,
                      "prefix_len": {s.name: s.prefix for s in sizes}, "shapes": {s.name: vars(s) for s in sizes},
                      "memory": "peak RSS growth of a fresh child per variant (VmHWM - VmRSS at start)"},
         "rows": rows,
@@ -260,11 +277,14 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"\n## Training step (P-tuning v2), {args.batch} x ({args.prompt_len}+{args.answer_len}) tokens\n")
     print(machine_line(info))
-    print("matmul peak (GFLOP/s): " + ", ".join(f"{k} {v}" for k, v in peaks.items()) + "\n")
+    threads = report["settings"]["threads"]
+    print(f"matmul peak (GFLOP/s, {threads} thread(s)): " + ", ".join(f"{k} {v}" for k, v in peaks.items()) + "\n")
     print(markdown(rows, COLUMNS))
     print("\n### Goals (ours against the PEFT peer at equal settings)\n")
     print(markdown(report["goals"], GOAL_COLUMNS))
     if args.profile:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         report["profile"] = {}
         for variant in (OURS, PEER):
             table = profile_step(sizes[0], variant, dtypes[0], args.batch, args.prompt_len, args.answer_len, top=30)

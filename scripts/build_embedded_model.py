@@ -256,6 +256,7 @@ def pretrain(
 
 def build(out: Path, epochs: int, batch_size: int, learning_rate: float, seed: int) -> dict:
     """Write the whole embedded folder to `out`; returns a summary of the build."""
+    started, cpu_started = time.time(), time.process_time()
     torch.manual_seed(seed)
     tokenizer = write_tokenizer(out, train_sentencepiece(tokenizer_texts(), TOKENIZER_VOCAB))
     config = backbone_config(tokenizer)
@@ -276,6 +277,8 @@ def build(out: Path, epochs: int, batch_size: int, learning_rate: float, seed: i
         "heldout_loss_before": initial,
         "final": log[-1],
         "folder_bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+        "wall_seconds": time.time() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
     }
 
 

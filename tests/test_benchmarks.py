@@ -15,7 +15,8 @@ sys.path.insert(0, str(REPO))  # the benchmarks are the `scripts` package; their
 
 from scripts import bench, bench_eval
 from scripts.bench_common import OURS, OURS_NO_PREFIX, VARIANTS
-from scripts.bench_train import count_matmul_flops
+from scripts.bench_generate import merge_generate_rounds
+from scripts.bench_train import count_matmul_flops, merge_train_rounds
 
 
 def test_flop_count_includes_cpu_attention_and_linears():
@@ -24,6 +25,23 @@ def test_flop_count_includes_cpu_attention_and_linears():
     assert attention == 3 * (2 * 1 * 2 * 8 * 8 * (4 + 4))  # forward QK^T + PV, backward twice that
     linear = torch.nn.Linear(16, 32)
     assert count_matmul_flops(lambda: linear(torch.randn(5, 16))) == 2 * 5 * 16 * 32
+
+
+def test_rounds_merge_to_fastest_times_and_largest_memory():
+    runs = [
+        {"step_s": s, "step_s_min": s, "tokens_per_step": 100, "matmul_gflop_per_step": 10.0, "peak_rss_mib": m,
+         "peak_growth_mib": m - 1, "first_loss": 1.0}
+        for s, m in ((2.0, 50.0), (4.0, 70.0), (3.0, 60.0))
+    ]
+    row = merge_train_rounds(runs)
+    assert (row["step_s"], row["step_s_min"], row["tokens_per_s"], row["matmul_gflops"]) == (2.0, 2.0, 50.0, 5.0)
+    assert (row["peak_rss_mib"], row["peak_growth_mib"], row["rounds"]) == (70.0, 69.0, 3)
+
+    runs = [{"ttft_ms": t, "generate_s": g, "batch": 2, "new_tokens": 5, "generate_matches_forward": ok,
+             "peak_rss_mib": 1.0, "peak_growth_mib": 1.0} for t, g, ok in ((100.0, 1.1, True), (300.0, 2.1, False))]
+    row = merge_generate_rounds(runs)
+    assert (row["ttft_ms"], row["generate_s"], row["tokens_per_s"]) == (100.0, 1.1, round(10 / 1.1, 2))
+    assert row["decode_tokens_per_s"] == round(2 * 4 / 1.0, 2) and row["generate_matches_forward"] is False
 
 
 def test_bench_quick_runs_train_generate_quant_and_writes_reports(tmp_path, capsys):
