@@ -27,7 +27,7 @@ args=(
   --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$BATCH_SIZE"
   --gradient_accumulation_steps "$GRAD_ACCUM"
   --predict_with_generate
-  --max_steps "$MAX_STEPS" --logging_steps "$LOGGING_STEPS" --save_steps "$SAVE_STEPS"
+  --max_steps "$MAX_STEPS" --logging_steps "$LOGGING_STEPS" --logging_first_step --save_steps "$SAVE_STEPS"
   --learning_rate "$LR"
   --pre_seq_len "$PRE_SEQ_LEN"
 )

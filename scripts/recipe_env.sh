@@ -8,9 +8,9 @@ if [ -z "${MODEL_PATH:-}" ]; then
   # sample text, P-tuned on data_samples/ on a CPU in a few minutes.
   MODEL_PATH=$EMBEDDED_MODEL
   : "${TRAIN_FILE:=data_samples/adgen_train.json}" "${VALIDATION_FILE:=data_samples/adgen_dev.json}"
-  : "${PRE_SEQ_LEN:=16}" "${LR:=1e-2}" "${QUANTIZATION_BIT:=}"
-  : "${MAX_SOURCE_LENGTH:=64}" "${MAX_TARGET_LENGTH:=128}" "${BATCH_SIZE:=8}" "${GRAD_ACCUM:=1}"
-  : "${MAX_STEPS:=150}" "${LOGGING_STEPS:=10}" "${SAVE_STEPS:=50}"
+  : "${PRE_SEQ_LEN:=16}" "${PREFIX_PROJECTION:=1}" "${LR:=1e-2}" "${QUANTIZATION_BIT:=}"
+  : "${MAX_SOURCE_LENGTH:=64}" "${MAX_TARGET_LENGTH:=96}" "${BATCH_SIZE:=8}" "${GRAD_ACCUM:=1}"
+  : "${MAX_STEPS:=100}" "${LOGGING_STEPS:=10}" "${SAVE_STEPS:=50}"
   : "${OUTPUT_DIR:=output/embedded-pt-$PRE_SEQ_LEN-$LR}"
 fi
 : "${TRAIN_FILE:=AdvertiseGen/train.json}" "${VALIDATION_FILE:=AdvertiseGen/dev.json}"
