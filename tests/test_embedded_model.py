@@ -101,7 +101,7 @@ def test_shipped_tokenizer_is_what_the_build_script_makes():
 def test_tokenizer_round_trips_chinese_sample_text(tokenizer):
     texts = [row["content"] for row in _rows("adgen_dev.json")] + [row["summary"] for row in _rows("adgen_dev.json")]
     texts += [row["response"] for row in _rows("chat_dev.json")]
-    assert any("\n" in text for text in texts)  # newlines go through byte fallback
+    texts.append("第一行：\n第二行  两个空格\t制表符 123 emoji😀")  # newlines, tabs, emoji go through byte fallback
     for text in texts:
         ids = tokenizer.encode(text)
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
