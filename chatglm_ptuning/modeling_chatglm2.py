@@ -282,8 +282,8 @@ class ChatGLM2Model(PrefixTuningMixin, ChatGLMPreTrainedModel):
     """The ChatGLM2/3 backbone (`transformer.*` in official checkpoints), output layer included.
 
     Submodules carry the official names: `embedding.word_embeddings`, `rotary_pos_emb`,
-    `encoder.layers.{i}.*`, `encoder.final_layernorm`, `output_layer`, then `prefix_encoder` when
-    `config.pre_seq_len` is set.
+    `encoder.layers.{i}.*`, `encoder.final_layernorm`, `output_layer`, then `prefix_encoder` (or, for
+    virtual input tokens, `prompt_encoder`) when `config.pre_seq_len` is set.
     """
 
     config_class = ChatGLM2Config
