@@ -147,9 +147,9 @@ def test_short_ptuning_lowers_the_loss():
 
     before = loss_now()
     model.train()
-    for _ in range(15):
+    for _ in range(10):
         model(input_ids=input_ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     after = loss_now()
-    assert after < 0.85 * before, f"15 P-tuning steps took the loss from {before:.3f} to {after:.3f}"
+    assert after < 0.85 * before, f"10 P-tuning steps took the loss from {before:.3f} to {after:.3f}"
