@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 
 from .chat import ChatMixin
 from .configuration import ChatGLMConfig
+from .head_loss import IGNORE_INDEX, can_fuse, fused_head_loss, shifted_labels
 from .prompt_learning import (
     INPUT_PROMPT_METHODS,
     KV_PREFIX_METHODS,
@@ -164,18 +165,22 @@ class PrefixTuningMixin:
 
 def lm_head_output(
     head: nn.Module, hidden_states: torch.Tensor, labels: torch.Tensor | None, logits_to_keep: int = 0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Logits [b, s, V] from hidden states [b, s, H] (the last `logits_to_keep` positions when > 0)
     and, with labels [b, s], the original's loss: fp32 logits, position t predicts label t+1,
-    ignore_index -100, mean over the rest, cast back to the activation dtype."""
+    ignore_index -100, mean over the rest, cast back to the activation dtype.
+
+    Training through a frozen head (every soft-prompt method) returns no logits: the loss comes
+    from `fused_head_loss`, which computes the head at the labelled positions only."""
     if logits_to_keep:
         hidden_states = hidden_states[:, -logits_to_keep:]
-    logits = head(hidden_states)
     if labels is None:
-        return logits, None
-    # Shift the labels, not the logits: no copy of the [b, s, V] logits and none in backward.
-    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
-    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+        return head(hidden_states), None
+    targets = shifted_labels(labels).to(hidden_states.device)  # shift the labels, never the [b, s, V] logits
+    if can_fuse(head, hidden_states, targets):
+        return None, fused_head_loss(head, hidden_states, targets)
+    logits = head(hidden_states)
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
     return logits, loss.to(hidden_states.dtype)
 
 

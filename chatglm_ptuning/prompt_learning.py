@@ -107,6 +107,12 @@ class PrefixEncoder(SoftPromptModule):
         embedded = self.embedding(prefix)
         return self.trans(embedded) if self.prefix_projection else embedded
 
+    def all_positions(self) -> torch.Tensor:
+        """`forward(arange(P))` without the lookup: [P, K]. Unprojected, that is the table itself, so
+        neither a copy of it ([P, K] is 117 MB for ChatGLM-6B) nor an embedding backward is made."""
+        table = self.embedding.weight
+        return self.trans(table) if self.prefix_projection else table
+
 
 class PromptEmbedding(SoftPromptModule):
     """Prompt Tuning (Lester et al. 2021): P trainable input embeddings, `embedding.weight` [P, H].
@@ -202,9 +208,7 @@ def prefix_key_values(
     value), as in the original. Returns, per layer, key and value of shape [b, N, P, D], already
     cast to the activation dtype and passed through the prefix dropout.
     """
-    weight = encoder.embedding.weight
-    ids = torch.arange(weight.shape[0], device=weight.device)
-    flat = encoder(ids).to(dtype)  # [P, K]; one encoder run shared by every row
+    flat = encoder.all_positions().to(dtype)  # [P, K]; one encoder run shared by every row
     pre_seq_len = flat.shape[0]
     # [P, K] -> [b, P, 2L, N, D]; dropout draws a fresh mask per row, as the original's does
     kv = dropout(flat.view(1, pre_seq_len, 2 * num_layers, num_kv_heads, head_dim).expand(batch_size, -1, -1, -1, -1))

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
-from chatglm_ptuning import ChatGLM2ForConditionalGeneration, ChatGLMConfig
+from chatglm_ptuning import ChatGLM2ForConditionalGeneration, ChatGLMConfig, head_loss
 from chatglm_ptuning.modeling_chatglm2 import build_attention_mask
 from chatglm_ptuning.official_format import write_state_dict
 
@@ -101,6 +101,23 @@ def test_logits_loss_and_prefix_grads_match_official(build, golden, padded, vari
         assert trainable.keys() == expected.keys()
         for key, param in trainable.items():
             torch.testing.assert_close(param.grad, expected[key], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**24, 3 * 64])  # one chunk; several, with a ragged last one
+def test_training_loss_through_the_frozen_head_matches_official(build, golden, padded, chunk_elements, monkeypatch):
+    """In training the frozen head is fused with the loss (labelled positions only, chunked):
+    no logits come back, and loss and prefix gradients are still the original's."""
+    monkeypatch.setattr(head_loss, "CHUNK_LOGIT_ELEMENTS", chunk_elements)
+    model = build("projection").train()
+    model.transformer.dropout.p = 0.0  # the official numbers were taken without prefix dropout
+    out = model(**padded)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss.reshape(1), golden["projection.padded.loss"], atol=1e-5, rtol=0)
+    (out.loss * 0.5).backward()  # as gradient accumulation over two steps scales it
+    for key, param in model.named_parameters():
+        if param.requires_grad:
+            expected = golden[f"projection.padded.grad.{key}"] * 0.5
+            torch.testing.assert_close(param.grad, expected, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
