@@ -102,6 +102,21 @@ def expand_groups(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x[:, :, None].expand(b, groups, num_heads // groups, length, dim).reshape(b, num_heads, length, dim)
 
 
+def attend_grouped_single_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one new token per row without copying keys/values to every head (the decoding step).
+
+    The heads that share a key/value group become that group's query rows: q [b, heads, 1, D] is viewed
+    as [b, groups, heads/groups, D] against k, v [b, groups, L, D]; one mask row [b|1, 1, 1, L] (or
+    None: attend to everything) serves them all. Returns [b, heads, 1, D].
+    """
+    b, heads, _, dim = q.shape
+    groups = k.shape[1]
+    context = F.scaled_dot_product_attention(q.view(b, groups, heads // groups, dim), k, v, attn_mask=attention_mask)
+    return context.view(b, heads, 1, dim)
+
+
 class SelfAttention(nn.Module):
     """Multi-query attention: `query_key_value` yields q (heads*D) | k (groups*D) | v (groups*D).
 
@@ -152,12 +167,14 @@ class SelfAttention(nn.Module):
             # read-only: the prefix is never stored in the cache (prefix keys are not rotated)
             k = torch.cat((prefix[0], k), dim=2)
             v = torch.cat((prefix[1], v), dim=2)
-        k, v = expand_groups(k, self.num_heads), expand_groups(v, self.num_heads)
-
-        # The original's rule: no mask and a square score matrix means plain causal attention;
-        # no mask otherwise (one new token) means attend to everything.
-        is_causal = attention_mask is None and q.shape[2] == k.shape[2]
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
+        if s == 1 and self.num_groups != self.num_heads:
+            context = attend_grouped_single_query(q, k, v, attention_mask)
+        else:
+            k, v = expand_groups(k, self.num_heads), expand_groups(v, self.num_heads)
+            # The original's rule: no mask and a square score matrix means plain causal attention;
+            # no mask otherwise (one new token) means attend to everything.
+            is_causal = attention_mask is None and q.shape[2] == k.shape[2]
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
         context = context.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return self.dense(context)
 

@@ -212,5 +212,7 @@ def prefix_key_values(
     pre_seq_len = flat.shape[0]
     # [P, K] -> [b, P, 2L, N, D]; dropout draws a fresh mask per row, as the original's does
     kv = dropout(flat.view(1, pre_seq_len, 2 * num_layers, num_kv_heads, head_dim).expand(batch_size, -1, -1, -1, -1))
-    kv = kv.permute(2, 0, 3, 1, 4)  # [2L, b, N, P, D]
-    return tuple((kv[2 * layer], kv[2 * layer + 1]) for layer in range(num_layers))
+    # [2L, b, N, P, D], split by one unbind: its backward stacks the 2L gradients once, where
+    # indexing would build a zero-filled [2L, b, N, P, D] gradient for every slice
+    slots = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    return tuple(zip(slots[0::2], slots[1::2]))

@@ -13,6 +13,7 @@ configuration itself allocated: weights, activations, optimizer state, caches.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import platform
@@ -243,6 +244,18 @@ def matmul_peak(dtypes: Sequence[str], threads: int, size: int = 2048, repeats: 
             raise RuntimeError(f"measuring the {dtype} matmul peak failed: {result['error']}")
         peaks[dtype] = result["gflops"]
     return peaks
+
+
+def comma_separated(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: "a,b" -> ["a", "b"], each item one of `choices`."""
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items or any(item not in choices for item in items):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list from {', '.join(choices)}; found {text!r}")
+        return items
+
+    return parse
 
 
 def machine_info() -> dict:

@@ -40,6 +40,7 @@ from scripts.bench_common import (
     SHAPES,
     ModelShape,
     build_model,
+    comma_separated,
     machine_info,
     machine_line,
     markdown,
@@ -167,8 +168,8 @@ def profile_generation(shape: ModelShape, variant: str, dtype: str, batch: int, 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smoke-test size, 4 new tokens, one timed run")
-    parser.add_argument("--sizes", default="tiny,mid", help=f"comma-separated, from {sorted(SHAPES)}")
-    parser.add_argument("--dtypes", default="fp32", help="comma-separated, from fp32,bf16")
+    parser.add_argument("--sizes", type=comma_separated(sorted(SHAPES)), default="tiny,mid", help=f"comma-separated, from {sorted(SHAPES)}")
+    parser.add_argument("--dtypes", type=comma_separated(sorted(DTYPES)), default="fp32", help="comma-separated, from fp32,bf16")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -181,9 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of ours and the peer (first size, dtype, batch)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.prompt_len, args.new_tokens, args.repeats = "quick", 8, 4, 1
-    sizes = [SHAPES[name] for name in args.sizes.split(",")]
-    dtypes = args.dtypes.split(",")
+        args.sizes, args.prompt_len, args.new_tokens, args.repeats = ["quick"], 8, 4, 1
+    sizes = [SHAPES[name] for name in args.sizes]
+    dtypes = args.dtypes
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     info = machine_info()

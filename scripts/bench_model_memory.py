@@ -100,7 +100,7 @@ def write_synthetic_checkpoint(arch: str, folder: Path) -> int:
     return total
 
 
-def measure(folder: Path, bits: int, steps: int = 1) -> dict:
+def measure(folder: Path, bits: int, steps: int = 2) -> dict:
     """Runs in a fresh process: load with quantize-while-loading, then P-tuning steps."""
     from chatglm_ptuning.loading import load_model_weights
 
@@ -112,7 +112,8 @@ def measure(folder: Path, bits: int, steps: int = 1) -> dict:
     _reset_peak_rss()  # the step's own peak, not the loading peak
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    # fused: the Trainer's default optimizer (adamw_torch_fused), which train.sh uses
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, fused=True)
     vocab = model.config.vocab_size
     ids = torch.randint(10, 60000 if vocab > 60000 else vocab - 10, (1, 192))
     if model.config.architecture == "chatglm":  # a GLM row needs [gMASK] and <sop> (spec §3.3)

@@ -44,6 +44,7 @@ from scripts.bench_common import (
     SHAPES,
     ModelShape,
     build_model,
+    comma_separated,
     enable_checkpointing,
     machine_info,
     machine_line,
@@ -79,7 +80,8 @@ class TrainStep:
         self.ids, self.labels = ids, labels
         self.attention_mask = torch.ones_like(ids)
         params = trainable_parameters(model)
-        self.optimizer = torch.optim.AdamW(params, lr=1e-3) if params else None
+        # fused: the Trainer's default optimizer (adamw_torch_fused)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True) if params else None
 
     def __call__(self) -> float:
         if self.prefix:
@@ -225,9 +227,9 @@ def profile_step(shape: ModelShape, variant: str, dtype: str, batch: int, prompt
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smoke-test size, short sequences, one timed step")
-    parser.add_argument("--sizes", default="tiny,mid", help=f"comma-separated, from {sorted(SHAPES)}")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, from fp32,bf16")
-    parser.add_argument("--checkpointing", default="off,on", help="comma-separated gradient checkpointing settings")
+    parser.add_argument("--sizes", type=comma_separated(sorted(SHAPES)), default="tiny,mid", help=f"comma-separated, from {sorted(SHAPES)}")
+    parser.add_argument("--dtypes", type=comma_separated(sorted(DTYPES)), default="fp32,bf16", help="comma-separated, from fp32,bf16")
+    parser.add_argument("--checkpointing", type=comma_separated(["off", "on"]), default="off,on", help="comma-separated gradient checkpointing settings, from off,on")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row (labels -100)")
     parser.add_argument("--answer-len", type=int, default=128, help="answer tokens per row (trained on)")
@@ -240,10 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of ours and the peer (first size and dtype)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.batch, args.prompt_len, args.answer_len, args.repeats = "quick", 2, 8, 8, 1
-    sizes = [SHAPES[name] for name in args.sizes.split(",")]
-    dtypes = args.dtypes.split(",")
-    checkpointing = [{"off": False, "on": True}[c] for c in args.checkpointing.split(",")]
+        args.sizes, args.batch, args.prompt_len, args.answer_len, args.repeats = ["quick"], 2, 8, 8, 1
+    sizes = [SHAPES[name] for name in args.sizes]
+    dtypes = args.dtypes
+    checkpointing = [c == "on" for c in args.checkpointing]
 
     info = machine_info()
     peak_size, peak_repeats = (256, 2) if args.quick else (2048, 5)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 from chatglm_ptuning import ChatGLM2ForConditionalGeneration, ChatGLMConfig, head_loss
-from chatglm_ptuning.modeling_chatglm2 import build_attention_mask
+from chatglm_ptuning.modeling_chatglm2 import attend_grouped_single_query, build_attention_mask, expand_groups
 from chatglm_ptuning.official_format import write_state_dict
 
 GOLDEN = Path(__file__).parent / "golden" / "chatglm2"
@@ -159,6 +159,20 @@ def test_mask_rules():
         [True, True, False, True, False],
         [True, True, False, True, True],
     ]
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_grouped_single_query_attention_equals_expanded_heads(with_mask):
+    """The decoding step reads each key/value group once; the result is the per-head expansion's."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=generator) for shape in ([3, 8, 1, 16], [3, 2, 7, 16], [3, 2, 7, 16]))
+    mask = torch.rand(3, 1, 1, 7, generator=generator) > 0.3 if with_mask else None
+    if mask is not None:
+        mask[..., -1] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, expand_groups(k, 8), expand_groups(v, 8), attn_mask=mask
+    )
+    torch.testing.assert_close(attend_grouped_single_query(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
 
 
 # ---- loading official folders ------------------------------------------------------------------------------
