@@ -538,6 +538,7 @@ class ChatGLMForConditionalGeneration(ChatGLMLMBase, ChatGLM6BPreTrainedModel):
 
         labels [b, s]: the loss is the original's (logits in fp32, shifted by one, mean cross entropy
         over labels != -100, cast to the activation dtype). `past_key_values=` is accepted for `cache=`.
+        A training forward through a frozen head returns the loss without logits (see lm_head_output).
         """
         legacy = kwargs.pop("past_key_values", None)
         if cache is None:

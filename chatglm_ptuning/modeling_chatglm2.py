@@ -443,7 +443,8 @@ class ChatGLM2ForConditionalGeneration(ChatGLMLMBase):
     ) -> CausalLMOutputWithPast | tuple:
         """Logits [b, s, V] (the last `logits_to_keep` positions when > 0) and, with labels [b, s], the
         original's loss: fp32 logits, position t predicts label t+1, ignore_index -100, mean over the rest,
-        cast to the activation dtype. `past_key_values=` is accepted as the old name of `cache`."""
+        cast to the activation dtype. `past_key_values=` is accepted as the old name of `cache`. A training
+        forward through a frozen head returns the loss without logits (see lm_head_output)."""
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: attention runs in scaled_dot_product_attention")
         outputs = self.transformer(
