@@ -402,7 +402,8 @@ def glm_position_ids(input_ids: list[int], context_length: int, mask_token_id: i
 class ChatGLM2Tokenizer(ChatGLMTokenizer):
     """ChatGLM2-6B tokenizer (`tokenizer.model`, SentencePiece BPE with byte fallback).
 
-    Ids 64789.. are appended after the SentencePiece vocabulary for `SPECIAL_TOKENS`. bos 1, eos 2 (`</s>`),
+    `SPECIAL_TOKENS` take the ids right after the SentencePiece vocabulary (n_words, n_words + 1, ...: 64789..
+    for the released model). bos 1, eos 2 (`</s>`),
     pad = unk = 0. Special tokens form a prefix: `[gMASK, sop] + ids`, and a pair is
     `[gMASK, sop] + a + b + [eos]`. Padding (left only) returns 1/0 attention masks and positions 0..n-1.
     """

@@ -99,3 +99,21 @@ def test_bench_eval_quick(tmp_path, capsys):
     result = bench_eval.main(["--quick", "--output", str(output)])
     assert json.loads(output.read_text())["generation"] == result["generation"]
     assert "## Evaluation" in capsys.readouterr().out
+
+
+def test_device_check_passes_on_the_cpu_and_refuses_a_missing_device(tmp_path, capsys):
+    """scripts/check_device.py is the prepared check for a lent GPU; here it runs its CPU form."""
+    from scripts import check_device
+
+    output = tmp_path / "check.json"
+    assert check_device.main(["--device", "cpu", "--dtypes", "bf16", "--bits", "0,4", "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())
+    assert [(row["model"], row["bits"]) for row in rows] == [
+        ("embedded", "-"), ("embedded", 4), ("tiny-chatglm-6b", "-"), ("tiny-chatglm-6b", 4)
+    ]
+    assert all(row["ok"] and row["generated"] == 4 for row in rows)
+    assert "| model | bits |" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            check_device.main(["--device", "cuda"])
+        assert "torch sees no CUDA device" in capsys.readouterr().err
