@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import BlockedLinear
+
 IGNORE_INDEX = -100
 CHUNK_LOGIT_ELEMENTS = 2**23  # one chunk's fp32 logits, 32 MiB: 129 rows of 65024, 64 of 130528
 
@@ -33,7 +35,7 @@ def can_fuse(head: nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor
     Not under DeepSpeed ZeRO-3, whose hooks gather partitioned weights around the module's own
     forward and backward only."""
     return (
-        type(head) is nn.Linear  # a plain linear (its gradient is written out below), no bias
+        type(head) in (nn.Linear, BlockedLinear)  # a plain linear (its gradient is written out below), no bias
         and head.bias is None
         and head.training
         and torch.is_grad_enabled()
@@ -49,7 +51,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     activation dtype, times W."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear) -> torch.Tensor:
         hidden = hidden.detach()  # a view of an input would still claim to need grad (module hooks check)
         count = targets.numel()
         rows = max(1, CHUNK_LOGIT_ELEMENTS // head.out_features)
@@ -67,7 +69,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+    def backward(ctx, grad_output: torch.Tensor):  # autograd's signature
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), None, None
 

@@ -38,6 +38,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration import ChatGLM6BConfig
+from .linear import BlockedLinear
 from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin, lm_head_output
 
 VIRTUAL_TOKEN_ID = -1  # stands for a virtual input token where the mask is derived from ids; never embedded
@@ -225,8 +226,8 @@ class SelfAttention(nn.Module):
         self.position_encoding_2d = config.position_encoding_2d
         # 2D: each half of a head is rotated by one position row
         self.rotary_emb = RotaryEmbedding(self.head_dim // 2 if self.position_encoding_2d else self.head_dim)
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = BlockedLinear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = BlockedLinear(config.hidden_size, config.hidden_size)
 
     def _rotary_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) per position row: two for [b, 2, s] (2D), one for [b, s]."""
@@ -276,8 +277,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ChatGLM6BConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_h_to_4h = BlockedLinear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = BlockedLinear(config.inner_hidden_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # The original's tanh GELU. torch's kernel computes fp16 in fp32 internally, as the original's
@@ -511,7 +512,7 @@ class ChatGLMForConditionalGeneration(ChatGLMLMBase, ChatGLM6BPreTrainedModel):
     def __init__(self, config: ChatGLM6BConfig):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = BlockedLinear(config.hidden_size, config.vocab_size, bias=False)
         self._finish_init()
 
     def tie_weights(self, missing_keys: set[str] | None = None, recompute_mapping: bool = True) -> None:

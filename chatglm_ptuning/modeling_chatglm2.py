@@ -23,6 +23,7 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import ChatGLM2Config
+from .linear import BlockedLinear
 from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin, lm_head_output
 
 logger = logging.get_logger(__name__)
@@ -132,8 +133,8 @@ class SelfAttention(nn.Module):
         self.head_dim = config.kv_channels
         self.multi_query_attention = config.multi_query_attention
         qkv_size = (self.num_heads + 2 * self.num_groups) * self.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+        self.query_key_value = BlockedLinear(config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias)
+        self.dense = BlockedLinear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(
         self,
@@ -184,8 +185,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ChatGLM2Config):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+        self.dense_h_to_4h = BlockedLinear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = BlockedLinear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
@@ -319,7 +320,7 @@ class ChatGLM2Model(PrefixTuningMixin, ChatGLMPreTrainedModel):
         self.embedding = Embedding(config)
         self.rotary_pos_emb = RotaryEmbedding(config)
         self.encoder = GLMTransformer(config)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.output_layer = BlockedLinear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.gradient_checkpointing = False
         self._init_prefix(config)  # after the backbone: the official parameter order
         self.post_init()

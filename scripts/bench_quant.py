@@ -2,8 +2,8 @@
 
 For each weight shape [N, K] and activation row count M, times the forward and the
 forward+backward-to-input (frozen weight, as in P-tuning) of:
-dense fp32 (the baseline), dense bf16, and QuantizedLinear INT8/INT4 with fp32 and bf16
-activations. Reports the median of `--repeats` runs after one warm-up, the ratio to dense fp32
+dense fp32 (nn.Linear, the baseline), dense fp32 through the model's BlockedLinear (column blocks
+for few rows), dense bf16, and QuantizedLinear INT8/INT4 with fp32 and bf16 activations. Reports the median of `--repeats` runs after one warm-up, the ratio to dense fp32
 measured in the same rounds, and the bytes each variant stores for the weight. Prints a Markdown
 table; `--output` also writes the rows as JSON.
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chatglm_ptuning.linear import BlockedLinear
 from chatglm_ptuning.quantization import QuantizedLinear, _cpu_has_native_bf16
 
 FULL_SHAPES = [(4096, 4096), (4096, 13696)]  # (K = in_features, N = out_features)
@@ -58,10 +59,13 @@ def _variants(in_features: int, out_features: int) -> dict[str, tuple[nn.Module,
     dense.requires_grad_(False)
     bf16 = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16).requires_grad_(False)
     bf16.weight.copy_(dense.weight)
+    blocked = BlockedLinear(in_features, out_features, bias=False).requires_grad_(False)
+    blocked.weight.copy_(dense.weight)
     int8 = QuantizedLinear.from_linear(dense, 8)
     int4 = QuantizedLinear.from_linear(dense, 4)
     return {
         "dense fp32": (dense, torch.float32),
+        "dense fp32, column blocks": (blocked, torch.float32),
         "dense bf16": (bf16, torch.bfloat16),
         "int8 fp32": (int8, torch.float32),
         "int8 bf16": (int8, torch.bfloat16),

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 for dtype_name in dtypes:
                     try:
                         rows.append(check(folder, bits, args.device, dtype_name))
-                    except Exception as error:  # one failing path must not hide the others
+                    except Exception as error:  # noqa: BLE001 - one failing path must not hide the others
                         rows.append({"model": folder.name, "bits": bits or "-", "device": args.device,
                                      "dtype": dtype_name, "ok": False, "error": f"{type(error).__name__}: {error}"})
     columns = ["model", "bits", "device", "dtype", "max_abs_diff", "top1_agreement", "loss", "prefix_grads_ok",
