@@ -3,10 +3,10 @@
 MKL's fp32 matmul is slow for a few rows against a very wide weight: on this project's machine
 (2-core AMD EPYC, torch 2.13 CPU) x [8, 1024] @ W^T [1024, 65024] takes 53 ms, and the same
 product computed 2048 output columns at a time takes 33 ms; x [8, 4096] against 16384 outputs 47
-vs 36 ms. Decoding (rows = batch size), the fused loss head (scripts/bench_train.py) and
-evaluation hit exactly these shapes; large row counts (training activations) do not gain, and
-bf16 matmuls (oneDNN) gain nothing, so they keep nn.Linear's forward. `python scripts/bench_quant.py`
-times the blocked path against the dense one in the same run.
+vs 36 ms. Batched decoding (rows = batch size), the fused loss head (chunks of 64-129 rows) and
+evaluation hit these shapes. One row (a matrix-vector product), large row counts (training
+activations) and bf16 matmuls (oneDNN) gain nothing, so they keep nn.Linear's forward.
+`python scripts/bench_quant.py` times the blocked path against nn.Linear in the same run.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ MAX_BLOCKED_ROWS = 256
 
 class BlockedLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) whose forward, on the CPU in fp32 when no
-    gradient is being recorded, for at most 256 rows and more than 2048 outputs, computes 2048
+    gradient is being recorded, for 2 to 256 rows and more than 2048 outputs, computes 2048
     output columns at a time. Every output element is the same dot product as nn.Linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,6 @@ class BlockedLinear(nn.Linear):
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and self.out_features > BLOCK_COLUMNS
-            and x.numel() <= MAX_BLOCKED_ROWS * self.in_features
+            and 1 < x.numel() // self.in_features <= MAX_BLOCKED_ROWS  # one row: a matrix-vector product, no gain
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         )

@@ -10,7 +10,7 @@ from chatglm_ptuning.linear import BLOCK_COLUMNS, MAX_BLOCKED_ROWS, BlockedLinea
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 8, MAX_BLOCKED_ROWS + 1])  # the last takes nn.Linear's path
+@pytest.mark.parametrize("rows", [1, 8, MAX_BLOCKED_ROWS, MAX_BLOCKED_ROWS + 1])  # 1 and the last: nn.Linear's path
 def test_matches_nn_linear(bias, rows):
     torch.manual_seed(0)
     plain = nn.Linear(64, 2 * BLOCK_COLUMNS + 5, bias=bias)  # two full blocks and a ragged one
@@ -19,7 +19,7 @@ def test_matches_nn_linear(bias, rows):
     assert blocked.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(1, rows, 64)
     with torch.no_grad():
-        assert blocked._blocked(x) == (rows <= MAX_BLOCKED_ROWS)
+        assert blocked._blocked(x) == (1 < rows <= MAX_BLOCKED_ROWS)
         out = blocked(x)
         assert out.shape == (1, rows, 2 * BLOCK_COLUMNS + 5)
         torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-5)
