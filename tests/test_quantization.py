@@ -509,6 +509,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     rows = json.loads(output.read_text())["linear"]
     assert {r["variant"] for r in rows} == {
         "dense fp32",
+        "dense fp32, column blocks",
         "dense bf16",
         "int8 fp32",
         "int8 bf16",
