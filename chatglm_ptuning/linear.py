@@ -5,7 +5,8 @@ MKL's fp32 matmul is slow for a few rows against a very wide weight: on this pro
 product computed 2048 output columns at a time takes 33 ms; x [8, 4096] against 16384 outputs 47
 vs 36 ms. Batched decoding (rows = batch size), the fused loss head (chunks of 64-129 rows) and
 evaluation hit these shapes. One row (a matrix-vector product), large row counts (training
-activations) and bf16 matmuls (oneDNN) gain nothing, so they keep nn.Linear's forward.
+activations), outputs of 4096 or fewer (measured 0.9-1.1x) and bf16 matmuls (oneDNN) gain
+nothing, so they keep nn.Linear's forward.
 `python scripts/bench_quant.py` times the blocked path against nn.Linear in the same run.
 """
 
@@ -16,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCK_COLUMNS = 2048
+MIN_BLOCKED_OUTPUTS = 2 * BLOCK_COLUMNS + 1  # narrower layers measured neutral to 0.9x
 MAX_BLOCKED_ROWS = 256
 
 
 class BlockedLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) whose forward, on the CPU in fp32 when no
-    gradient is being recorded, for 2 to 256 rows and more than 2048 outputs, computes 2048
+    gradient is being recorded, for 2 to 256 rows and more than 4096 outputs, computes 2048
     output columns at a time. Every output element is the same dot product as nn.Linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +42,7 @@ class BlockedLinear(nn.Linear):
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
-            and self.out_features > BLOCK_COLUMNS
+            and self.out_features >= MIN_BLOCKED_OUTPUTS
             and 1 < x.numel() // self.in_features <= MAX_BLOCKED_ROWS  # one row: a matrix-vector product, no gain
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         )

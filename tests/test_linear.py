@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from chatglm_ptuning.linear import BLOCK_COLUMNS, MAX_BLOCKED_ROWS, BlockedLinear
+from chatglm_ptuning.linear import BLOCK_COLUMNS, MAX_BLOCKED_ROWS, MIN_BLOCKED_OUTPUTS, BlockedLinear
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -15,6 +15,7 @@ def test_matches_nn_linear(bias, rows):
     torch.manual_seed(0)
     plain = nn.Linear(64, 2 * BLOCK_COLUMNS + 5, bias=bias)  # two full blocks and a ragged one
     blocked = BlockedLinear(64, 2 * BLOCK_COLUMNS + 5, bias=bias)
+    assert blocked.out_features >= MIN_BLOCKED_OUTPUTS
     blocked.load_state_dict(plain.state_dict())
     assert blocked.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(1, rows, 64)
@@ -26,7 +27,7 @@ def test_matches_nn_linear(bias, rows):
 
 
 def test_narrow_layers_autograd_and_half_precision_keep_nn_linear_forward():
-    assert not BlockedLinear(16, BLOCK_COLUMNS)._blocked(torch.randn(2, 16))
+    assert not BlockedLinear(16, MIN_BLOCKED_OUTPUTS - 1)._blocked(torch.randn(2, 16))
     layer = BlockedLinear(16, 3 * BLOCK_COLUMNS)
     x = torch.randn(2, 16, requires_grad=True)
     assert not layer._blocked(x)
