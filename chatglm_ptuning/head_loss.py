@@ -48,16 +48,15 @@ def can_fuse(head: nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor
 class _ChunkedHeadLoss(torch.autograd.Function):
     """loss = sum over chunks of CE(head(h_chunk).float(), y_chunk, reduction="sum") / n, with each
     chunk's gradient taken as autograd would: d loss / d logits = (softmax - onehot) / n, cast to the
-    activation dtype, times W."""
+    activation dtype, times W. n is `count` (a 0-dim fp32 tensor, see `loss_divisor`)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear, count: torch.Tensor) -> torch.Tensor:
         hidden = hidden.detach()  # a view of an input would still claim to need grad (module hooks check)
-        count = targets.numel()
         rows = max(1, CHUNK_LOGIT_ELEMENTS // head.out_features)
         grad_hidden = torch.empty_like(hidden)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, count, rows):
+        for start in range(0, targets.numel(), rows):
             piece, target = hidden[start : start + rows], targets[start : start + rows]
             log_probs = torch.log_softmax(head(piece).float(), dim=-1)
             total += F.nll_loss(log_probs, target, reduction="sum") / count
@@ -71,11 +70,21 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # autograd's signature
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
 
 
-def fused_head_loss(head: nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The original's mean next-token loss (fp32, ignore_index -100) from hidden states [b, s, H] and
-    shifted labels [b, s], without the full logits (check `can_fuse` first)."""
+def loss_divisor(targets: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """What the summed next-token loss is divided by, as a 0-dim fp32 tensor: `num_items_in_batch` (the
+    label tokens of the whole optimizer step, all micro-batches and ranks, as the Trainer counts them)
+    when given, else this batch's own label count (the original's per-batch mean).
+    targets: shifted labels [b, s]."""
+    if num_items_in_batch is None:
+        return (targets != IGNORE_INDEX).sum().to(torch.float32)
+    return torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=targets.device).reshape(())
+
+
+def fused_head_loss(head: nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """The summed next-token loss (fp32, ignore_index -100) over `divisor`, from hidden states [b, s, H]
+    and shifted labels [b, s], without the full logits (check `can_fuse` first)."""
     keep = targets != IGNORE_INDEX
-    return _ChunkedHeadLoss.apply(hidden_states[keep], targets[keep], head).to(hidden_states.dtype)
+    return _ChunkedHeadLoss.apply(hidden_states[keep], targets[keep], head, divisor).to(hidden_states.dtype)

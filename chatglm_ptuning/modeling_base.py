@@ -7,15 +7,19 @@ Family files (`modeling_chatglm.py`, `modeling_chatglm2.py`) hold only their arc
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .chat import ChatMixin
 from .configuration import ChatGLMConfig
-from .head_loss import IGNORE_INDEX, can_fuse, fused_head_loss, shifted_labels
+from .head_loss import IGNORE_INDEX, can_fuse, fused_head_loss, loss_divisor, shifted_labels
 from .prompt_learning import (
     INPUT_PROMPT_METHODS,
     KV_PREFIX_METHODS,
@@ -164,11 +168,18 @@ class PrefixTuningMixin:
 
 
 def lm_head_output(
-    head: nn.Module, hidden_states: torch.Tensor, labels: torch.Tensor | None, logits_to_keep: int = 0
+    head: nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor | None,
+    logits_to_keep: int = 0,
+    num_items_in_batch: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Logits [b, s, V] from hidden states [b, s, H] (the last `logits_to_keep` positions when > 0)
     and, with labels [b, s], the original's loss: fp32 logits, position t predicts label t+1,
-    ignore_index -100, mean over the rest, cast back to the activation dtype.
+    ignore_index -100, cast back to the activation dtype. The summed loss is divided by
+    `num_items_in_batch` when given (transformers' convention: the label tokens of the whole optimizer
+    step, so gradient accumulation and data parallelism change nothing but speed), else by this
+    batch's label count (the original's mean).
 
     Training through a frozen head (every soft-prompt method) returns no logits: the loss comes
     from `fused_head_loss`, which computes the head at the labelled positions only."""
@@ -177,11 +188,14 @@ def lm_head_output(
     if labels is None:
         return head(hidden_states), None
     targets = shifted_labels(labels).to(hidden_states.device)  # shift the labels, never the [b, s, V] logits
+    divisor = loss_divisor(targets, num_items_in_batch)
     if can_fuse(head, hidden_states, targets):
-        return None, fused_head_loss(head, hidden_states, targets)
+        return None, fused_head_loss(head, hidden_states, targets, divisor)
     logits = head(hidden_states)
-    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-    return logits, loss.to(hidden_states.dtype)
+    summed = F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return logits, (summed / divisor).to(hidden_states.dtype)
 
 
 def freeze_backbone_for_prefix(model: nn.Module) -> None:
@@ -192,7 +206,62 @@ def freeze_backbone_for_prefix(model: nn.Module) -> None:
 
 
 class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
-    """Base of the two causal-LM classes: chat helpers, generation and prefix freezing."""
+    """Base of the two causal-LM classes: the causal-LM forward, chat helpers, generation and prefix
+    freezing. A family class sets `self.transformer` (its inner model) and an output layer reachable
+    through `get_output_embeddings()`."""
+
+    # forward() divides the summed loss by `num_items_in_batch`, so the Trainer passes the label-token
+    # count of the whole optimizer step and does not divide again by the accumulation steps.
+    accepts_loss_kwargs = True
+
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """input_ids [b, s] (or inputs_embeds [b, s, H]) -> logits [b, s, V] (the last `logits_to_keep`
+        positions when > 0), the cache when `use_cache`, every layer's input plus the last layer's output
+        when `output_hidden_states`.
+
+        labels [b, s]: the original's loss (fp32 logits, position t predicts label t+1, ignore_index -100)
+        summed and divided by `num_items_in_batch` when given (the Trainer's count of label tokens in the
+        optimizer step), else by this batch's label count. A training forward through a frozen head
+        returns the loss without logits (see `lm_head_output`). `past_key_values=` is the old name of
+        `cache`; other keyword arguments are ignored, as transformers' models do."""
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: attention runs in scaled_dot_product_attention")
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(
+                f"cache must be a transformers Cache (e.g. DynamicCache), found {type(cache).__name__}; "
+                "legacy tuples of per-layer (key, value) are not supported"
+            )
+        outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        logits, loss = lm_head_output(
+            self.get_output_embeddings(), outputs.last_hidden_state, labels, logits_to_keep, num_items_in_batch
+        )
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
 
     def _finish_init(self) -> None:
         """Call at the end of the family's __init__."""

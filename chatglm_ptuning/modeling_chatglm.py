@@ -32,14 +32,11 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration import ChatGLM6BConfig
 from .linear import BlockedLinear
-from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin, lm_head_output
+from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
 
 VIRTUAL_TOKEN_ID = -1  # stands for a virtual input token where the mask is derived from ids; never embedded
 MASK_FILL = -10000.0  # the original fills blocked scores with this (not -inf) before the layer coefficient
@@ -459,9 +456,11 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """input_ids [b, s] -> last_hidden_state [b, s, H] (and the cache when use_cache).
+        """input_ids [b, s] -> last_hidden_state [b, s, H] (and the cache when use_cache; with
+        `output_hidden_states`, every layer's input and the final-norm output, as the original collects them).
 
         With virtual input tokens every argument and output counts real tokens only; the cache holds
         the virtual tokens first."""
@@ -488,12 +487,21 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
         if prefix is not None:
             block_mask = F.pad(block_mask, (self.pre_seq_len, 0), value=False)  # prefix columns always open
 
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        all_hidden_states = () if output_hidden_states else None
         hidden_states = inputs_embeds
         for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states[:, inserted:],)  # outputs cover the real tokens only
             prefix_key, prefix_value = (None, None) if prefix is None else prefix[i]
             hidden_states = layer(hidden_states, position_ids, block_mask, prefix_key, prefix_value, cache=cache)
-        hidden_states = self.final_layernorm(hidden_states)[:, inserted:]  # outputs cover the real tokens only
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        hidden_states = self.final_layernorm(hidden_states)[:, inserted:]
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache if use_cache else None, hidden_states=all_hidden_states
+        )
 
 
 class ChatGLMForConditionalGeneration(ChatGLMLMBase, ChatGLM6BPreTrainedModel):
@@ -505,9 +513,6 @@ class ChatGLMForConditionalGeneration(ChatGLMLMBase, ChatGLM6BPreTrainedModel):
 
     config_class = ChatGLM6BConfig
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
-    # The loss is the original's per-batch mean; the Trainer must divide it for gradient accumulation
-    # (it would not if it believed forward consumed `num_items_in_batch`).
-    accepts_loss_kwargs = False
 
     def __init__(self, config: ChatGLM6BConfig):
         super().__init__(config)
@@ -521,51 +526,6 @@ class ChatGLMForConditionalGeneration(ChatGLMLMBase, ChatGLM6BPreTrainedModel):
         if missing_keys is not None and "lm_head.weight" in self.all_tied_weights_keys:
             missing_keys.add("lm_head.weight")
         super().tie_weights(missing_keys=missing_keys, recompute_mapping=recompute_mapping)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast | tuple:
-        """input_ids [b, s] -> logits [b, s, V] (the last `logits_to_keep` positions when > 0).
-
-        labels [b, s]: the loss is the original's (logits in fp32, shifted by one, mean cross entropy
-        over labels != -100, cast to the activation dtype). `past_key_values=` is accepted for `cache=`.
-        A training forward through a frozen head returns the loss without logits (see lm_head_output).
-        """
-        legacy = kwargs.pop("past_key_values", None)
-        if cache is None:
-            cache = legacy
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(
-                f"cache must be a transformers Cache (e.g. DynamicCache), found {type(cache).__name__}; "
-                "legacy tuples of per-layer (key, value) are not supported"
-            )
-        for flag in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(flag):
-                raise ValueError(f"{flag}=True is not supported by ChatGLM-6B")
-        outputs = self.transformer(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-        )
-        logits, loss = lm_head_output(self.lm_head, outputs.last_hidden_state, labels, logits_to_keep)
-
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
     # ---- generation: GLM positions in place of transformers' 1D ones ------------------------------
 

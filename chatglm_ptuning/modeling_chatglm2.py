@@ -18,13 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import logging
-from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import ChatGLM2Config
 from .linear import BlockedLinear
-from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin, lm_head_output
+from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
 
 logger = logging.get_logger(__name__)
 
@@ -426,42 +425,6 @@ class ChatGLM2ForConditionalGeneration(ChatGLMLMBase):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.transformer.output_layer = value
-
-    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int = 0,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        """Logits [b, s, V] (the last `logits_to_keep` positions when > 0) and, with labels [b, s], the
-        original's loss: fp32 logits, position t predicts label t+1, ignore_index -100, mean over the rest,
-        cast to the activation dtype. `past_key_values=` is accepted as the old name of `cache`. A training
-        forward through a frozen head returns the loss without logits (see lm_head_output)."""
-        if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions is not supported: attention runs in scaled_dot_product_attention")
-        outputs = self.transformer(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        logits, loss = lm_head_output(self.transformer.output_layer, outputs.last_hidden_state, labels, logits_to_keep)
-
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_tuple()
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """Positions when generate() gets none: 0..n-1 counted from each row's first real token.
