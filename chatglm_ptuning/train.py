@@ -188,10 +188,16 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     if training_args.do_eval or training_args.eval_strategy != "no":
         if not data_args.validation_file:
             raise ValueError("--do_eval / --eval_strategy needs --validation_file")
-        eval_dataset = _prepare(data_args.validation_file, tokenizer, data_args, training_args, False, data_args.max_eval_samples)
+        # Generation scores need prompt-only rows; the evaluation loss needs prompt + answer rows, as in training.
+        as_training_rows = not training_args.predict_with_generate
+        eval_dataset = _prepare(
+            data_args.validation_file, tokenizer, data_args, training_args, as_training_rows, data_args.max_eval_samples
+        )
     if training_args.do_predict:
         if not data_args.test_file:
             raise ValueError("--do_predict needs --test_file")
+        if not training_args.predict_with_generate:
+            raise ValueError("--do_predict generates answers: add --predict_with_generate")
         predict_dataset = _prepare(data_args.test_file, tokenizer, data_args, training_args, False, data_args.max_predict_samples)
 
     label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
@@ -213,7 +219,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=train_collator,
-        eval_collator=eval_collator,
+        eval_collator=eval_collator if training_args.predict_with_generate else None,
         generation_kwargs=gen_kwargs,
         compute_metrics=build_trainer_metrics(tokenizer, data_args.ignore_pad_token_for_loss)
         if training_args.predict_with_generate

@@ -16,6 +16,7 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import PromptSettings, save_prefix_checkpoint
+from .head_loss import IGNORE_INDEX, shifted_labels
 from .collator import PROMPT_LENGTH_KEY
 from .methods import load_method_state
 
@@ -49,6 +50,7 @@ class PromptTrainer(Seq2SeqTrainer):
         self.eval_collator = eval_collator
         self.generation_kwargs = generation_kwargs or {}  # also used by evaluations during training
         self._staging_run_dir: str | None = None
+        self._eval_loss_totals = torch.zeros(2, dtype=torch.float64)  # summed loss, label tokens
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):  # noqa: ANN001
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
@@ -151,8 +153,7 @@ class PromptTrainer(Seq2SeqTrainer):
         the reference answer in labels (different lengths), so no loss is computed on this path.
         """
         if not self.args.predict_with_generate or prediction_loss_only:
-            inputs.pop(PROMPT_LENGTH_KEY, None)
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            return self._loss_prediction_step(model, inputs)
         inputs = self._prepare_inputs(inputs)
         gen_kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
         gen_kwargs = {k: v for k, v in gen_kwargs.items() if v is not None}
@@ -174,6 +175,32 @@ class PromptTrainer(Seq2SeqTrainer):
         if labels is not None:
             labels = self._pad_tensors_to_max_len(labels, max_length)
         return None, generated, labels
+
+    # --- evaluation loss: the training convention, a mean over every label token of the set ---------
+    def _loss_prediction_step(self, model, inputs):  # noqa: ANN001
+        """The batch's mean next-token loss; its summed loss and label count are also added to the
+        evaluation's running totals, from which `evaluation_loop` reports `eval_loss`."""
+        inputs = self._prepare_inputs(inputs)
+        inputs.pop(PROMPT_LENGTH_KEY, None)
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("evaluation rows carry no labels: the evaluation loss needs prompt + answer rows")
+        count = (shifted_labels(labels) != IGNORE_INDEX).sum()
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = model(**inputs, num_items_in_batch=count.clamp(min=1)).loss.detach().float()
+        self._eval_loss_totals += torch.stack((loss * count, count.float())).to(self._eval_loss_totals.device)
+        return loss, None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):  # noqa: ANN001
+        """The Trainer's loop; `<prefix>_loss` is replaced by the label-token mean over the whole set
+        and all ranks (the Trainer averages per-batch means weighted by rows, which depends on the
+        batch size)."""
+        self._eval_loss_totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        totals = self.accelerator.reduce(self._eval_loss_totals, reduction="sum")
+        if totals[1] > 0:
+            output.metrics[f"{metric_key_prefix}_loss"] = (totals[0] / totals[1]).item()
+        return output
 
     # --- atomic checkpoints --------------------------------------------------------------------
     def _get_output_dir(self, trial) -> str:  # noqa: ANN001

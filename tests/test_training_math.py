@@ -10,6 +10,7 @@ would hide a constant scale error.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -94,10 +95,12 @@ def assert_same_training(run: Path, reference: Path) -> None:
     for a, b in zip(got, expected):
         assert abs(a - b) <= 1e-4 * abs(b), f"logged losses differ: {got} vs {expected}"
     first_got, first_expected = trained_tensors(run / "checkpoint-1"), trained_tensors(reference / "checkpoint-1")
-    for name, update in updates(reference).items():
-        scale = update.norm().item()
-        assert scale > 0, f"{name} did not change"
-        difference = (updates(run)[name] - update).norm().item()
+    expected_updates, got_updates = updates(reference), updates(run)
+    trained = {name for name, update in expected_updates.items() if update.norm() > 0}  # full: not the buffers
+    assert trained, "no weight changed"
+    for name in expected_updates:
+        scale = expected_updates[name].norm().item() if name in trained else 1.0
+        difference = (got_updates[name] - expected_updates[name]).norm().item()
         assert difference <= 1e-4 * scale, f"{name}: updates differ by {difference / scale:.2e} relative"
         step_one = (first_got[name] - first_expected[name]).norm().item()
         assert step_one <= 1e-4 * scale, f"{name}: weights after step 1 differ by {step_one / scale:.2e} of an update"
@@ -140,3 +143,99 @@ def test_accumulation_changes_nothing_for_every_method(model_dirs, tmp_path, arc
 )
 def test_accumulation_changes_nothing_quantized_and_without_checkpointing(model_dirs, tmp_path, extra):
     _layouts_agree(model_dirs, tmp_path, "chatglm2", *METHOD_FLAGS["ptuning_v2"], *extra)
+
+
+def _direct_token_mean(model_dir: Path, rows: Path, *, seed: int = 7) -> float:
+    """The mean next-token loss over every label token of `rows`, computed row by row with the model
+    as train.py builds it (same seed, fresh prefix), in eval mode (no prefix dropout)."""
+    from chatglm_ptuning.arguments import DataTrainingArguments
+    from chatglm_ptuning.data import build_preprocess_function, load_rows
+    from chatglm_ptuning.loading import load_model
+
+    data_args = DataTrainingArguments(
+        train_file=str(rows), prompt_column="content", response_column="summary", max_source_length=24, max_target_length=48
+    )
+    set_seed(seed)
+    model, tokenizer = load_model(model_dir, pre_seq_len=4, device="cpu")
+    model.eval()
+    features = load_rows(rows, data_args).to_dataset().map(
+        build_preprocess_function(tokenizer, data_args, train=True), batched=True, remove_columns=["content", "summary"]
+    )
+    summed, count = 0.0, 0
+    with torch.no_grad():
+        for row in features:
+            labels = torch.tensor([row["labels"]])
+            tokens = int((labels[:, 1:] != -100).sum())
+            loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss
+            summed, count = summed + loss.item() * tokens, count + tokens
+    return summed / count
+
+
+def test_logged_loss_is_the_token_mean_not_scaled_by_accumulation(model_dirs, tmp_path):
+    """One optimizer step over all four rows (batch 1 x accumulation 4): the logged loss is the mean over
+    the four rows' label tokens, as computed directly (up to the prefix dropout that training applies)."""
+    out = _train(model_dirs["chatglm2"], tmp_path / "run", *LAYOUTS["batch1x4"], "--pre_seq_len", "4", "--max_train_samples", "4", "--max_steps", "1")
+    expected = _direct_token_mean(model_dirs["chatglm2"], tmp_path / "rows.jsonl")
+    (logged,) = logged_losses(out)
+    assert abs(logged - expected) <= 0.03 * expected, f"logged {logged}, token mean {expected}"
+
+
+def test_eval_loss_is_the_token_mean_whatever_the_batch_size(model_dirs, tmp_path):
+    rows = varied_length_rows(tmp_path / "rows.jsonl")
+    eval_losses = []
+    for batch_size in ("1", "3"):
+        out = tmp_path / f"eval{batch_size}"
+        flags = [
+            "--do_eval", "--validation_file", str(rows), "--prompt_column", "content", "--response_column", "summary",
+            "--model_name_or_path", str(model_dirs["chatglm2"]), "--output_dir", str(out), "--pre_seq_len", "4",
+            "--max_source_length", "24", "--max_target_length", "48", "--per_device_eval_batch_size", batch_size,
+            "--seed", "7", "--use_cpu", "--report_to", "none",
+        ]
+        assert main(flags) == 0
+        eval_losses.append(json.loads((out / "eval_results.json").read_text())["eval_loss"])
+    expected = _direct_token_mean(model_dirs["chatglm2"], rows)
+    for got in eval_losses:
+        assert abs(got - expected) <= 1e-5 * expected, f"eval_loss {eval_losses}, token mean {expected}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(model_dir: Path, output_dir: Path, *extra: str) -> Path:
+    """Two gloo ranks on the CPU, as a user launches them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "chatglm_ptuning.train", *_flags(model_dir, output_dir, *extra), "--ddp_backend", "gloo",
+    ]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert (output_dir / "checkpoint-1" / "rng_state_1.pth").is_file(), "the run did not have 2 ranks"
+    return output_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["chatglm2", "chatglm"])
+def test_two_ranks_change_nothing(model_dirs, tmp_path, arch):
+    """2 gloo ranks x batch 2 == 1 process x batch 4 (prefix dropout off: each rank draws its own masks)."""
+    extra = (*METHOD_FLAGS["ptuning_v2"],)
+    reference = _train(model_dirs[arch], tmp_path / "batch4", *LAYOUTS["batch4"], *extra)
+    ranks = _torchrun(model_dirs[arch], tmp_path / "ranks2", "--per_device_train_batch_size", "2", *extra)
+    assert_same_training(ranks, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install 'chatglm-ptuning[deepspeed]')")
+@pytest.mark.parametrize("config", ["ds_zero2.json", "ds_zero3.json"])
+def test_deepspeed_two_ranks_change_nothing(model_dirs, tmp_path, config):
+    """ZeRO-2/3 with 2 ranks x batch 2 (fp32: DeepSpeed does not run fp16 on the CPU) == batch 4."""
+    extra = (*METHOD_FLAGS["ptuning_v2"],)
+    reference = _train(model_dirs["chatglm2"], tmp_path / "batch4", *LAYOUTS["batch4"], *extra)
+    deepspeed = str(REPO_ROOT / "scripts" / config)
+    ranks = _torchrun(model_dirs["chatglm2"], tmp_path / "zero", "--per_device_train_batch_size", "2", "--deepspeed", deepspeed, *extra)
+    assert_same_training(ranks, reference)
