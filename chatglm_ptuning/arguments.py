@@ -6,9 +6,11 @@ and marked as such in their help.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import Seq2SeqTrainingArguments
 
 from .checkpoint import METHODS
@@ -133,4 +135,16 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     def __post_init__(self) -> None:
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if not self.use_cpu and launched_ranks() > 1 and not torch.accelerator.is_available():
+            # accelerate treats ranks on a machine without an accelerator as data-parallel only with
+            # use_cpu; otherwise each rank trains alone (no gradient all-reduce) and saves its own result.
+            self.use_cpu = True
         super().__post_init__()
+
+
+def launched_ranks() -> int:
+    """The world size a distributed launcher (torchrun, deepspeed, mpirun) announced; 1 without one."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1

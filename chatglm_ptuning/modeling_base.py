@@ -26,11 +26,13 @@ from .prompt_learning import (
     PREFIX_DROPOUT,
     SOFT_PROMPT_KEY_PREFIXES,
     SOFT_PROMPT_METHODS,
+    PrefixDropout,
     PrefixEncoder,
     PrefixKeyValues,
     build_input_prompt_encoder,
     input_prompt_embeddings,
     prefix_key_values,
+    row_keys,
 )
 
 # Attribute under which the computed prefix rides on a generation cache: the prefix is computed
@@ -88,7 +90,7 @@ class PrefixTuningMixin:
             raise ValueError(f"prompt_method must be one of {SOFT_PROMPT_METHODS}, found {config.prompt_method!r}")
         if config.prompt_method in KV_PREFIX_METHODS:
             self.prefix_encoder = PrefixEncoder.from_config(config)
-            self.dropout = nn.Dropout(PREFIX_DROPOUT)
+            self.dropout = PrefixDropout(PREFIX_DROPOUT)
         else:
             self.prompt_encoder = build_input_prompt_encoder(config)
 
@@ -140,8 +142,11 @@ class PrefixTuningMixin:
         position_ids = torch.cat((self.virtual_position_ids(batch_size, count, position_ids), position_ids), dim=-1)
         return inputs_embeds, position_ids, padding_mask, count
 
-    def get_prefix(self, batch_size: int, dtype: torch.dtype, cache: Cache | None = None) -> PrefixKeyValues | None:
-        """Per-layer prefix keys/values [b, N, P, D], or None without a prefix.
+    def get_prefix(
+        self, batch_size: int, dtype: torch.dtype, cache: Cache | None = None, input_ids: torch.Tensor | None = None
+    ) -> PrefixKeyValues | None:
+        """Per-layer prefix keys/values [b, N, P, D], or None without a prefix. `input_ids` [b, s] key each
+        row's dropout mask in training (see PrefixDropout).
 
         Under generation (a cache and no autograd) the result is stored on the cache, so every
         decoding step after the first reuses it.
@@ -161,6 +166,7 @@ class PrefixTuningMixin:
             self.prefix_num_kv_heads,
             self.prefix_head_dim,
             dtype,
+            keys=row_keys(input_ids, self.config.pad_token_id) if self.training and input_ids is not None else None,
         )
         if reusable:
             setattr(cache, _CACHED_PREFIX_ATTRIBUTE, prefix)

@@ -483,7 +483,7 @@ class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
         position_ids, block_mask = self._positions_and_mask(
             input_ids, position_ids, attention_mask, past_length, batch, inserted + seq
         )
-        prefix = self.get_prefix(batch, inputs_embeds.dtype, cache)
+        prefix = self.get_prefix(batch, inputs_embeds.dtype, cache, input_ids)
         if prefix is not None:
             block_mask = F.pad(block_mask, (self.pre_seq_len, 0), value=False)  # prefix columns always open
 

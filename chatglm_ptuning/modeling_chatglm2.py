@@ -368,7 +368,7 @@ class ChatGLM2Model(PrefixTuningMixin, ChatGLMPreTrainedModel):
             position_ids = torch.arange(real_cached, real_cached + seq_length, device=inputs_embeds.device)
             position_ids = position_ids.expand(batch_size, -1)
 
-        prefix = self.get_prefix(batch_size, inputs_embeds.dtype, cache)
+        prefix = self.get_prefix(batch_size, inputs_embeds.dtype, cache, input_ids)
         past_length = cached_length + (self.pre_seq_len if prefix is not None else 0)
         if attention_mask is not None:
             if attention_mask.shape != (batch_size, real_cached + seq_length):

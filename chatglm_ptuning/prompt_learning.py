@@ -193,6 +193,40 @@ def input_prompt_embeddings(encoder: PromptEmbedding | PromptEncoder, batch_size
 PrefixKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
+def row_keys(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """One int64 key per row of input_ids [b, s], from its tokens other than `pad_token_id` and their
+    order: the same row gets the same key however much padding its batch adds. Returns [b]."""
+    real = input_ids != pad_token_id if pad_token_id is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    order = real.long().cumsum(-1)  # 1.. over the real tokens
+    weight = (order * 0x9E3779B1 + 0x7F4A7C15) % 2_147_483_647  # a fixed pseudo-random weight per position
+    return ((input_ids.long() + 1) * weight * real).sum(-1) % 2_147_483_647
+
+
+class PrefixDropout(nn.Dropout):
+    """The original's prefix dropout (p = 0.1, in training only), with masks that do not depend on the
+    batch layout.
+
+    While `step` is set (the trainer sets it to the optimizer step before each one), each row's mask
+    comes from a generator seeded by (seed, step, the row's key), so a row gets the same mask whether
+    it runs in a batch of 4, alone under gradient accumulation or on another rank: those layouts then
+    compute the same update. With `step` None, or without keys, it is nn.Dropout."""
+
+    def __init__(self, p: float):
+        super().__init__(p)
+        self.step: int | None = None
+        self.seed = 0
+
+    def forward(self, prefix: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """prefix [b, ...] with keys [b] (see `row_keys`)."""
+        if not self.training or self.p == 0 or self.step is None or keys is None:
+            return super().forward(prefix)
+        masks = []
+        for key in keys.tolist():
+            generator = torch.Generator(device=prefix.device).manual_seed(hash((self.seed, self.step, key)) % 2**63)
+            masks.append(torch.rand(prefix.shape[1:], generator=generator, device=prefix.device) >= self.p)
+        return prefix * (torch.stack(masks).to(prefix.dtype) / (1 - self.p))
+
+
 def prefix_key_values(
     encoder: PrefixEncoder,
     dropout: nn.Module,
@@ -201,17 +235,19 @@ def prefix_key_values(
     num_kv_heads: int,
     head_dim: int,
     dtype: torch.dtype,
+    keys: torch.Tensor | None = None,
 ) -> PrefixKeyValues:
     """Run the prefix encoder and split its output into per-layer (key, value) pairs.
 
     The flat index of one prefix position is ((layer*2 + kv)*N + head)*D + d (kv 0 = key, 1 =
     value), as in the original. Returns, per layer, key and value of shape [b, N, P, D], already
-    cast to the activation dtype and passed through the prefix dropout.
+    cast to the activation dtype and passed through the prefix dropout (`keys` [b]: see PrefixDropout).
     """
     flat = encoder.all_positions().to(dtype)  # [P, K]; one encoder run shared by every row
     pre_seq_len = flat.shape[0]
     # [P, K] -> [b, P, 2L, N, D]; dropout draws a fresh mask per row, as the original's does
-    kv = dropout(flat.view(1, pre_seq_len, 2 * num_layers, num_kv_heads, head_dim).expand(batch_size, -1, -1, -1, -1))
+    expanded = flat.view(1, pre_seq_len, 2 * num_layers, num_kv_heads, head_dim).expand(batch_size, -1, -1, -1, -1)
+    kv = dropout(expanded, keys) if isinstance(dropout, PrefixDropout) else dropout(expanded)
     # [2L, b, N, P, D], split by one unbind: its backward stacks the 2L gradients once, where
     # indexing would build a zero-filled [2L, b, N, P, D] gradient for every slice
     slots = kv.permute(2, 0, 3, 1, 4).unbind(0)

@@ -26,7 +26,14 @@ from .loading import load_model
 from .lora import LoraOptions
 from .methods import MethodError, count_parameters, resolve_method, settings_from_config
 from .metrics import build_trainer_metrics
-from .trainer import FinalCheckpointCallback, LossPlotCallback, PromptTrainer, TrainingDiverged, last_complete_checkpoint
+from .trainer import (
+    FinalCheckpointCallback,
+    LossPlotCallback,
+    PromptTrainer,
+    StepKeyedDropoutCallback,
+    TrainingDiverged,
+    last_complete_checkpoint,
+)
 
 logger = logging.getLogger("chatglm_ptuning.train")
 
@@ -225,7 +232,7 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         if training_args.predict_with_generate
         else None,
         prompt_settings=settings,
-        callbacks=[FinalCheckpointCallback(), LossPlotCallback()],
+        callbacks=[FinalCheckpointCallback(), LossPlotCallback(), StepKeyedDropoutCallback()],
     )
 
     if training_args.do_train:

@@ -19,6 +19,7 @@ from .checkpoint import PromptSettings, save_prefix_checkpoint
 from .head_loss import IGNORE_INDEX, shifted_labels
 from .collator import PROMPT_LENGTH_KEY
 from .methods import load_method_state
+from .prompt_learning import PrefixDropout
 
 _STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
 TRAINER_STATE_FILE = "trainer_state.json"  # written last by the Trainer: marks a complete checkpoint
@@ -252,6 +253,23 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             if (child / TRAINER_STATE_FILE).is_file():
                 steps.append((int(name.split("-")[-1]), str(child)))
     return max(steps)[1] if steps else None
+
+
+class StepKeyedDropoutCallback(TrainerCallback):
+    """Tells every PrefixDropout the optimizer step about to run (and the run's seed), so each row's
+    prefix-dropout mask is the same in every batch layout; plain dropout again after training."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        for module in _prefix_dropouts(model):
+            module.step, module.seed = state.global_step, args.seed
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        for module in _prefix_dropouts(model):
+            module.step = None
+
+
+def _prefix_dropouts(model: torch.nn.Module | None) -> list[PrefixDropout]:
+    return [m for m in model.modules() if isinstance(m, PrefixDropout)] if model is not None else []
 
 
 class FinalCheckpointCallback(TrainerCallback):
