@@ -3,9 +3,13 @@
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions` (with `stream`:
 server-sent events ending in `data: [DONE]`). Any `model` name is accepted (clients often send a
 fixed one); replies carry the served id. Errors use OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, with 400 for invalid requests (bad JSON, missing
-or misordered messages, unknown roles, out-of-range parameters, prompts longer than the context),
-401 for a wrong API key, 413 for an oversized body and 500 for a failed generation.
+`{"error": {"message", "type", "param", "code"}}`, with 400 for invalid requests (bad JSON, JSON
+nested deeper than 64 levels, text with a lone surrogate, missing or misordered messages, unknown
+roles, values of the wrong JSON type (strict, as OpenAI: `"0.5"` is not a number), out-of-range
+parameters, prompts longer than the context), 401 for a wrong API key, 413 for an oversized body and
+500 for a failed generation. A non-streaming request whose client disconnects stops generating at
+the next token, freeing the model for the requests waiting. `/v1/models` names the model folders,
+never their local paths.
 
 Reference: the official ChatGLM2-6B openai_api.py (system message prepended to the query, history
 from user/assistant pairs); this server adds validation, limits, usage counts and finish reasons.
@@ -17,9 +21,10 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +33,9 @@ from fastapi import FastAPI, Request  # fastapi, uvicorn and pydantic come with 
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .serving import ChatModel, GenerationWatch, TextDeltas, add_model_arguments, load_or_exit, parse_model_arguments
 
@@ -38,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant"]
     content: str  # OpenAI's list of text parts is joined into one string
 
@@ -58,13 +65,18 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields this server uses; other OpenAI fields are accepted and ignored."""
+    """The fields this server uses; other OpenAI fields are accepted and ignored.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict types, as OpenAI checks them: `"temperature": "0.5"`, `"max_tokens": true` or
+    `"stream": "yes"` are refused rather than coerced (an integer is still a valid float).
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)  # 0: greedy
@@ -97,6 +109,40 @@ def _validation_message(error: ValidationError) -> tuple[str, str]:
         return f"{param}: {first['ctx']['error']}", param
     found = f" (found {first['input']!r})" if first["type"] != "missing" and "input" in first else ""
     return f"{param}: {first['msg']}{found}", param
+
+
+MAX_JSON_DEPTH = 64  # deeper request bodies are refused (OpenAI's own requests nest a handful of levels)
+
+
+def check_json_text(value: Any) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH and strings holding a lone UTF-16 surrogate
+    (`"\\ud800"` parses, but it is not Unicode text: no tokenizer or UTF-8 writer takes it).
+
+    Walks iteratively, so no depth can overflow the stack; errors name the JSON path.
+    """
+    pending: list[tuple[Any, tuple, int]] = [(value, (), 0)]
+    while pending:
+        item, path, depth = pending.pop()
+        param = ".".join(map(str, path)) or None
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            surrogate = _SURROGATE.search(item)
+            if surrogate:
+                raise RequestError(
+                    f"{param or 'body'}: the text holds a lone surrogate (\\u{ord(surrogate.group()):04x} at character "
+                    f"{surrogate.start()}), which is not valid Unicode",
+                    param,
+                )
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                pending.append((key, path, depth + 1))
+                pending.append((child, (*path, key), depth + 1))
+        elif isinstance(item, list):
+            pending.extend((child, (*path, index), depth + 1) for index, child in enumerate(item))
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 # ---- messages -> (query, history) -------------------------------------------------------------
@@ -205,6 +251,29 @@ def _usage(completion: Completion, generated: int) -> dict[str, int]:
     }
 
 
+class ApiKeyCheck:
+    """ASGI middleware answering 401 unless `Authorization: Bearer <api_key>` is sent. A plain ASGI
+    wrapper (not `@app.middleware`), so the endpoint still sees the client's disconnect message."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and Headers(scope=scope).get("authorization") != self.expected:
+            body = error_body("missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+            await JSONResponse(body, 401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+_PATH_FIELDS = ("Base model", "Checkpoint")
+
+
+def public_info(info: dict[str, str]) -> dict[str, str]:
+    """The model description for clients: folders by their names only, never local paths."""
+    return {key: Path(value).name if key in _PATH_FIELDS and value != "none" else value for key, value in info.items()}
+
+
 def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `chat_model` under `model_id`."""
     app = FastAPI(title="chatglm-ptuning OpenAI-compatible API", docs_url="/docs", redoc_url=None)
@@ -215,7 +284,7 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
         "object": "model",
         "created": created,
         "owned_by": "chatglm-ptuning",
-        "info": chat_model.info,
+        "info": public_info(chat_model.info),
     }
 
     @app.exception_handler(HTTPException)
@@ -225,16 +294,16 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
             error_body(f"{request.method} {request.url.path}: {error.detail}", kind=kind), error.status_code
         )
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:  # logged by the server
+        return JSONResponse(error_body(f"internal error: {type(error).__name__}: {error}", kind="server_error"), 500)
+
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
         return JSONResponse(error_body(str(error), error.param, error.code), error.status)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            body = error_body("missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
-            return JSONResponse(body, 401)
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -263,8 +332,11 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RequestError(f"the request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise RequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
         if not isinstance(raw, dict):
             raise RequestError(f"the request body must be a JSON object, found {type(raw).__name__}")
+        check_json_text(raw)
         try:
             return ChatCompletionRequest.model_validate(raw)
         except ValidationError as error:
@@ -289,8 +361,10 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
             return text
 
         async with semaphore:
+            if await request.is_disconnected():  # gave up while waiting for its turn
+                return JSONResponse(error_body("the client disconnected", kind="client_disconnected"), 499)
             try:
-                text = await run_in_threadpool(run)
+                text = await _run_until_disconnected(request, run, watch)
             except Exception as error:  # reported to the client; the server keeps serving
                 logger.exception("generation failed")
                 return JSONResponse(
@@ -316,6 +390,22 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
         }
 
     return app
+
+
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+
+
+async def _run_until_disconnected(request: Request, run: Callable[[], str], watch: GenerationWatch) -> str:
+    """`run()` in a worker thread; if the client goes away meanwhile, `watch` stops the generation at
+    the next token, and this returns once the thread has ended (so the next request starts on a free model)."""
+    task = asyncio.ensure_future(run_in_threadpool(run))
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            logger.info("client disconnected: generation stopped after %d tokens", watch.length)
+            watch.cancel()
+            break
+    return await task
 
 
 def _sse(data: dict | str) -> str:

@@ -3,13 +3,18 @@ raw HTTP for every kind of bad request; the app in-process for API keys and fail
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 from servers import free_port, python_module, running_server, write_prefix_checkpoint
 
 httpx = pytest.importorskip("httpx", reason="pip install gradio (brings httpx, fastapi, uvicorn)")
 openai = pytest.importorskip("openai", reason="pip install openai (requirements-test.txt)")
+import uvicorn
 from fastapi.testclient import TestClient
 
 from chatglm_ptuning.api import Message, ServerLimits, conversation, create_app
@@ -61,11 +66,14 @@ def greedy(reference, query, history=(), max_new_tokens=24):
     return response
 
 
-def test_models(client, checkpoint):
+def test_models(client, checkpoint, tiny_glm2_dir):
     models = client.models.list().data
     assert [model.id for model in models] == [MODEL_ID]
     card = client.models.retrieve(MODEL_ID)
-    assert card.owned_by == "chatglm-ptuning" and card.model_extra["info"]["Checkpoint"] == str(checkpoint)
+    info = card.model_extra["info"]
+    assert card.owned_by == "chatglm-ptuning" and info["Checkpoint"] == checkpoint.name == "checkpoint-7"
+    assert info["Base model"] == tiny_glm2_dir.name and info["Family"] == "ChatGLM2-6B"
+    assert not any("/" in value for value in info.values()), info  # folder names, no local paths
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
 
@@ -145,6 +153,15 @@ BAD_REQUESTS = {
     "several choices": ({"messages": [message()], "n": 2}, 400, "n", "less than or equal to 1"),
     "prompt over the context": ({"messages": [message(content="很长的输入。" * 200)]}, 400, "messages", "maximum context length"),
     "body too large": ({"messages": [message(content="x" * (MAX_BODY + 1))]}, 413, None, "over the limit"),
+    # OpenAI refuses what pydantic's lax mode would coerce
+    "temperature as a string": ({"messages": [message()], "temperature": "0.5"}, 400, "temperature", "valid number"),
+    "max_tokens as a boolean": ({"messages": [message()], "max_tokens": True}, 400, "max_tokens", "valid integer"),
+    "stream as a string": ({"messages": [message()], "stream": "yes"}, 400, "stream", "valid boolean"),
+    "include_usage as a number": ({"messages": [message()], "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage", "valid boolean"),
+    "lone surrogate": (b'{"messages": [{"role": "user", "content": "ab\\ud800c"}]}', 400, "messages.0.content", "lone surrogate"),
+    "lone surrogate in an ignored field": (b'{"messages": [{"role": "user", "content": "x"}], "user": "\\udfff"}', 400, "user", "lone surrogate"),
+    "deep nesting": (b'{"messages": [{"role": "user", "content": "x"}], "metadata": ' + b"[" * 200 + b"]" * 200 + b"}", 400, None, "deeper than"),
+    "nesting past the parser": (b'{"x": ' + b"[" * (MAX_BODY - 10) + b"}", 400, None, "deeper than"),
 }  # fmt: skip
 
 
@@ -221,3 +238,68 @@ def test_failed_generation_is_reported_and_the_server_keeps_serving(app_for, mon
         events = [line.removeprefix("data: ") for line in streamed.text.split("\n\n") if line]
         assert "out of memory" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
     assert app.post("/v1/chat/completions", json=request).status_code == 200
+
+
+# ---- a client that goes away ------------------------------------------------------------------
+
+STEP_DELAY_S = 0.05  # per forward pass of the slowed model
+
+
+@contextlib.contextmanager
+def serving_in_thread(app) -> Iterator[str]:
+    """`app` served by uvicorn on a free 127.0.0.1 port from a thread of this process; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture()
+def slow_model(reference):
+    """The tiny model slowed to STEP_DELAY_S per token and never ending a reply by itself (stop tokens
+    masked), so only max_tokens or a cancel ends generation; `steps` records when each pass ran."""
+    model, tokenizer = reference
+    chat_model = ChatModel(model, tokenizer)
+    stops = chat_model.family.stop_token_ids(tokenizer)
+    steps: list[float] = []
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(STEP_DELAY_S)
+        steps.append(time.monotonic())
+        output = forward(*args, **kwargs)
+        output.logits[..., stops] = float("-inf")
+        return output
+
+    model.forward = slow_forward
+    try:
+        yield chat_model, steps
+    finally:
+        del model.forward
+
+
+def test_client_that_disconnects_stops_generation_and_the_next_request_is_served(slow_model):
+    chat_model, steps = slow_model
+    app = create_app(chat_model, MODEL_ID, ServerLimits(max_tokens=200, max_body_bytes=MAX_BODY, concurrency=1))
+    request = {"model": MODEL_ID, "messages": [message()], "temperature": 0}
+    with serving_in_thread(app) as base:
+        with pytest.raises(httpx.ReadTimeout):  # 200 tokens take >= 10 s; the client gives up after 1 s
+            httpx.post(f"{base}/chat/completions", json={**request, "max_tokens": 200}, timeout=1.0)
+        gone = time.monotonic()
+        started = time.monotonic()
+        reply = httpx.post(f"{base}/chat/completions", json={**request, "max_tokens": 4}, timeout=30)
+        waited = time.monotonic() - started
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    assert waited < 2.0, f"the next request waited {waited:.1f} s behind the abandoned one"
+    abandoned = [t for t in steps if t <= started]
+    assert len(abandoned) < 60, "the abandoned request kept generating"
+    assert abandoned[-1] - gone < 1.0, f"generation went on {abandoned[-1] - gone:.1f} s after the client left"
