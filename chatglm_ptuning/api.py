@@ -37,17 +37,41 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .serving import ChatModel, GenerationWatch, TextDeltas, add_model_arguments, load_or_exit, parse_model_arguments
+from .serving import (
+    ChatModel,
+    GenerationWatch,
+    TextDeltas,
+    add_model_arguments,
+    load_or_exit,
+    parse_model_arguments,
+    response_text,
+)
+from .tools import TOOL_SYSTEM_PROMPT, render_tool_call
 
 logger = logging.getLogger(__name__)
 
 # ---- request schema ---------------------------------------------------------------------------
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
-    content: str  # OpenAI's list of text parts is joined into one string
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None  # OpenAI's list of text parts is joined into one string; null only beside tool_calls
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
     @field_validator("content", mode="before")
     @classmethod
@@ -62,6 +86,17 @@ class Message(BaseModel):
                 )
             texts.append(part["text"])
         return "".join(texts)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # description, parameters, ...: passed on as given
+    name: str = Field(min_length=1)
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class StreamOptions(BaseModel):
@@ -86,6 +121,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = None  # ChatGLM3 only
+    tool_choice: Any = None  # "none" or "auto" (the default when tools are given)
 
 
 class RequestError(Exception):
@@ -148,17 +185,44 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # ---- messages -> (query, history) -------------------------------------------------------------
 
 
-def conversation(messages: list[Message], message_history: bool) -> tuple[str, list]:
+@dataclass
+class Turn:
+    """What the model is asked: the query, its role (ChatGLM3: user or observation) and the history."""
+
+    query: str
+    history: list
+    role: str = "user"
+
+
+def _text(message: Message, index: int) -> str:
+    if message.content is None:
+        raise RequestError(f"messages[{index}].content: expected a string, found null", f"messages.{index}.content")
+    return message.content
+
+
+def conversation(messages: list[Message], message_history: bool, tools: list[dict] | None = None) -> Turn:
     """Split OpenAI messages into the query and the family's history.
 
     Leading system messages are allowed; then user and assistant must alternate, ending with user.
     ChatGLM3 (`message_history`) keeps system messages in its history; ChatGLM-6B/2 have no system
-    role, so their text is put before the query, as the official openai_api.py does.
+    role, so their text is put before the query, as the official openai_api.py does. ChatGLM3 also
+    takes function calling (see `_chatglm3_turn`); the other families refuse it.
     """
+    if message_history:
+        return _chatglm3_turn(messages, tools)
+    for index, message in enumerate(messages):
+        if message.role == "tool" or message.tool_calls:
+            what = "'tool' messages" if message.role == "tool" else "tool_calls"
+            param = f"messages.{index}.role" if message.role == "tool" else f"messages.{index}.tool_calls"
+            raise RequestError(
+                f"messages[{index}]: {what} (function calling) need a ChatGLM3 model; this server's model has no "
+                f"tool calls (found role {message.role!r})",
+                param,
+            )
     system = []
     start = 0
     while start < len(messages) and messages[start].role == "system":
-        system.append(messages[start].content)
+        system.append(_text(messages[start], start))
         start += 1
     turns = messages[start:]
     if not turns:
@@ -171,20 +235,108 @@ def conversation(messages: list[Message], message_history: bool) -> tuple[str, l
                 f"alternate), found {message.role!r}",
                 f"messages.{index}.role",
             )
+        _text(message, index)
     if turns[-1].role != "user":
         raise RequestError(
             f"the last message must have role 'user', found {turns[-1].role!r}", f"messages.{len(messages) - 1}.role"
         )
     query = turns[-1].content
     previous = turns[:-1]
-    if message_history:
-        history = [{"role": "system", "content": text} for text in system]
-        history += [{"role": message.role, "content": message.content} for message in previous]
-        return query, history
     history = [(previous[i].content, previous[i + 1].content) for i in range(0, len(previous), 2)]
     if system:
         query = "\n".join(system) + "\n" + query if query else "\n".join(system)
-    return query, history
+    return Turn(query, history)
+
+
+def _call_message(call: ToolCall, where: str) -> dict[str, Any]:
+    """An OpenAI tool call as ChatGLM3's function-call message (metadata = name, the fenced call)."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError as error:
+        arguments = error
+    if not isinstance(arguments, dict):
+        raise RequestError(
+            f"{where}.function.arguments: expected a JSON object as a string, found {call.function.arguments[:80]!r}",
+            f"{where}.function.arguments",
+        )
+    return {"role": "assistant", "metadata": call.function.name, "content": render_tool_call(arguments)}
+
+
+def _chatglm3_turn(messages: list[Message], tools: list[dict] | None) -> Turn:
+    """ChatGLM3 messages, as its openai_api_demo maps them: `tools` -> a first system message carrying
+    them; an assistant message with `tool_calls` -> its text (if any) and one function-call message
+    per call, each followed by the observation of the `tool` message answering it (by tool_call_id).
+
+    Order: system messages, then user; an assistant reply (text, calls, or both) after each user
+    message or after the tool results; `tool` messages right after the calls they answer, all of
+    them. The last message is the query: a user message, or a tool result (role observation).
+    """
+    out: list[dict[str, Any]] = []
+    if tools is not None:
+        out.append({"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": tools})
+    index = 0
+    while index < len(messages) and messages[index].role == "system":
+        out.append({"role": "system", "content": _text(messages[index], index)})
+        index += 1
+    expected = ("user",)
+    while index < len(messages):
+        message = messages[index]
+        if message.role not in expected:
+            raise RequestError(
+                f"messages[{index}].role: expected {' or '.join(map(repr, expected))} (after any leading system "
+                "messages, a user message, then the assistant's reply: text, tool_calls with a 'tool' message for "
+                f"each, or both), found {message.role!r}",
+                f"messages.{index}.role",
+            )
+        if message.role == "user":
+            out.append({"role": "user", "content": _text(message, index)})
+            expected, index = ("assistant",), index + 1
+            continue
+        if message.role == "tool":  # a result without a call before it
+            raise RequestError(
+                f"messages[{index}]: a 'tool' message must follow an assistant message with tool_calls",
+                f"messages.{index}.role",
+            )
+        if not message.tool_calls:
+            out.append({"role": "assistant", "metadata": "", "content": _text(message, index)})
+            expected, index = ("user",), index + 1
+            continue
+        if message.content:
+            out.append({"role": "assistant", "metadata": "", "content": message.content})
+        where = f"messages.{index}.tool_calls"
+        calls = {call.id: (_call_message(call, f"{where}.{n}"), n) for n, call in enumerate(message.tool_calls)}
+        if len(calls) != len(message.tool_calls):
+            raise RequestError(f"messages[{index}].tool_calls: two calls share an id", where)
+        results: dict[str, str] = {}
+        index += 1
+        while index < len(messages) and messages[index].role == "tool" and len(results) < len(calls):
+            result = messages[index]
+            if result.tool_call_id not in calls or result.tool_call_id in results:
+                raise RequestError(
+                    f"messages[{index}].tool_call_id: expected one of the unanswered calls "
+                    f"{sorted(set(calls) - set(results))}, found {result.tool_call_id!r}",
+                    f"messages.{index}.tool_call_id",
+                )
+            results[result.tool_call_id] = _text(result, index)
+            index += 1
+        if len(results) < len(calls):
+            missing = sorted(set(calls) - set(results))
+            raise RequestError(
+                f"messages[{index - 1}]: every tool call needs a 'tool' message with its tool_call_id; missing {missing}",
+                "messages",
+            )
+        for call_id, (call, _) in sorted(calls.items(), key=lambda item: item[1][1]):
+            out += [call, {"role": "observation", "content": results[call_id]}]
+        expected = ("assistant",)
+    last = out[-1]
+    if last["role"] not in ("user", "observation"):
+        raise RequestError(
+            f"the last message must be a user message or a tool result, found {messages[-1].role!r}",
+            f"messages.{len(messages) - 1}.role",
+        )
+    if not any(message["role"] == "user" for message in out):
+        raise RequestError("messages must contain a user message after the system message(s)", "messages")
+    return Turn(last["content"], out[:-1], last["role"])
 
 
 # ---- the app ----------------------------------------------------------------------------------
@@ -199,19 +351,43 @@ class ServerLimits:
 
 @dataclass
 class Completion:
-    query: str
-    history: list
+    turn: Turn
     prompt_tokens: int
     max_new_tokens: int
+    tools_offered: bool  # a tool call in the reply is returned as tool_calls
+
+
+def _offered_tools(chat_model: ChatModel, request: ChatCompletionRequest) -> list[dict] | None:
+    """The request's function definitions for ChatGLM3's tool system message, or None (no tools, or
+    tool_choice "none"). Other families and other tool_choice values are refused."""
+    choice = request.tool_choice
+    if choice is not None and choice not in ("none", "auto"):
+        raise RequestError(
+            f"tool_choice: only \"none\" and \"auto\" are supported (ChatGLM3 decides itself whether to call a "
+            f"tool), found {json.dumps(choice)[:80]}",
+            "tool_choice",
+        )
+    if request.tools is None:
+        return None
+    if "system" not in chat_model.family.roles:
+        raise RequestError(
+            f"tools: function calling needs a ChatGLM3 model; this server's model is {chat_model.family.name}, "
+            "which was not trained for tool calls",
+            "tools",
+        )
+    if choice == "none" or not request.tools:
+        return None
+    return [tool.function.model_dump() for tool in request.tools]
 
 
 def _plan(chat_model: ChatModel, request: ChatCompletionRequest, limits: ServerLimits) -> Completion:
-    query, history = conversation(request.messages, "system" in chat_model.family.roles)
+    tools = _offered_tools(chat_model, request)
+    turn = conversation(request.messages, "system" in chat_model.family.roles, tools)
     asked = request.max_completion_tokens or request.max_tokens
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > limits.max_tokens:
         raise RequestError(f"{param} must be at most {limits.max_tokens}, found {asked}", param)
-    prompt_tokens = chat_model.prompt_tokens(query, history)
+    prompt_tokens = chat_model.prompt_tokens(turn.query, turn.history, turn.role)
     context = chat_model.context_length
     if prompt_tokens + (asked or 1) > context:
         raise RequestError(
@@ -221,7 +397,8 @@ def _plan(chat_model: ChatModel, request: ChatCompletionRequest, limits: ServerL
             "messages",
             "context_length_exceeded",
         )
-    return Completion(query, history, prompt_tokens, asked or min(limits.max_tokens, context - prompt_tokens))
+    max_new_tokens = asked or min(limits.max_tokens, context - prompt_tokens)
+    return Completion(turn, prompt_tokens, max_new_tokens, tools is not None)
 
 
 def _finish_reason(chat_model: ChatModel, watch: GenerationWatch, completion: Completion) -> tuple[str, int]:
@@ -232,15 +409,24 @@ def _finish_reason(chat_model: ChatModel, watch: GenerationWatch, completion: Co
 
 
 def _generation(chat_model: ChatModel, completion: Completion, request: ChatCompletionRequest, watch: GenerationWatch):
-    """The reply's snapshots: an iterator of (text so far, history)."""
-    return chat_model.stream(
-        completion.query,
-        completion.history,
+    """The reply's snapshots: an iterator of (response so far, history); a tool call is a dict."""
+    return chat_model.replies(
+        completion.turn.query,
+        completion.turn.history,
+        role=completion.turn.role,
         max_new_tokens=completion.max_new_tokens,
         top_p=request.top_p,
         temperature=request.temperature,
         watch=watch,
     )
+
+
+def _tool_call(response: Any, completion: Completion) -> dict[str, Any] | None:
+    """A parsed ChatGLM3 tool call as an OpenAI `tool_calls` entry, when tools were offered."""
+    if not (completion.tools_offered and isinstance(response, dict) and "parameters" in response):
+        return None
+    arguments = json.dumps(response["parameters"], ensure_ascii=False)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": response["name"], "arguments": arguments}}
 
 
 def _usage(completion: Completion, generated: int) -> dict[str, int]:
@@ -354,17 +540,17 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
 
         watch = GenerationWatch()
 
-        def run() -> str:
-            text = ""
-            for text, _ in _generation(chat_model, completion, body, watch):
+        def run() -> Any:
+            response: Any = ""
+            for response, _ in _generation(chat_model, completion, body, watch):
                 pass
-            return text
+            return response
 
         async with semaphore:
             if await request.is_disconnected():  # gave up while waiting for its turn
                 return JSONResponse(error_body("the client disconnected", kind="client_disconnected"), 499)
             try:
-                text = await _run_until_disconnected(request, run, watch)
+                response = await _run_until_disconnected(request, run, watch)
             except Exception as error:  # reported to the client; the server keeps serving
                 logger.exception("generation failed")
                 return JSONResponse(
@@ -373,19 +559,17 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
             finally:
                 watch.cancel()
         reason, generated = _finish_reason(chat_model, watch, completion)
+        call = _tool_call(response, completion)
+        if call is None:
+            message = {"role": "assistant", "content": response_text(response)}
+        else:
+            message, reason = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
         return {
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": reason,
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
             "usage": _usage(completion, generated),
         }
 
@@ -395,7 +579,7 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 
 
-async def _run_until_disconnected(request: Request, run: Callable[[], str], watch: GenerationWatch) -> str:
+async def _run_until_disconnected(request: Request, run: Callable[[], Any], watch: GenerationWatch) -> Any:
     """`run()` in a worker thread; if the client goes away meanwhile, `watch` stops the generation at
     the next token, and this returns once the thread has ended (so the next request starts on a free model)."""
     task = asyncio.ensure_future(run_in_threadpool(run))
@@ -437,15 +621,24 @@ async def _event_stream(
     async with semaphore:
         try:
             yield _sse(chunk({"role": "assistant", "content": ""}))
-            deltas, text = TextDeltas(), ""
-            async for text, _ in iterate_in_threadpool(_generation(chat_model, completion, request, watch)):
-                piece = deltas.update(text)
+            deltas, response = TextDeltas(), ""
+            async for response, _ in iterate_in_threadpool(_generation(chat_model, completion, request, watch)):
+                if isinstance(response, str):  # a tool call (a dict) is sent whole at the end
+                    piece = deltas.update(response)
+                    if piece:
+                        yield _sse(chunk({"content": piece}))
+            reason, generated = _finish_reason(chat_model, watch, completion)
+            call = _tool_call(response, completion)
+            if call is None:
+                piece = deltas.finish(response_text(response))
                 if piece:
                     yield _sse(chunk({"content": piece}))
-            piece = deltas.finish(text)
-            if piece:
-                yield _sse(chunk({"content": piece}))
-            reason, generated = _finish_reason(chat_model, watch, completion)
+            else:  # as OpenAI streams a call: id, type and name first, then the arguments
+                function = call["function"]
+                opening = {**call, "function": {"name": function["name"], "arguments": ""}}
+                yield _sse(chunk({"tool_calls": [{"index": 0, **opening}]}))
+                yield _sse(chunk({"tool_calls": [{"index": 0, "function": {"arguments": function["arguments"]}}]}))
+                reason = "tool_calls"
             yield _sse(chunk({}, reason))
             if request.stream_options and request.stream_options.include_usage:
                 usage_chunk = chunk({})

@@ -155,8 +155,8 @@ class ChatModel:
         self.family = chat_family(self.tokenizer)
         self.context_length = context_length(self.model.config)
 
-    def prompt_tokens(self, query: str, history: History) -> int:
-        return int(self.family.build_inputs(self.tokenizer, query, history, "user")["input_ids"].shape[1])
+    def prompt_tokens(self, query: str, history: History, role: str = "user") -> int:
+        return int(self.family.build_inputs(self.tokenizer, query, history, role)["input_ids"].shape[1])
 
     def capped_max_length(self, max_length: int | None) -> int:
         """`max_length` (prompt + reply tokens; None: the family's chat default) within the context."""
@@ -210,18 +210,20 @@ class ChatModel:
         )
         return FittedPrompt(query, history, length, notice)
 
-    def stream(
+    def replies(
         self,
         query: str,
         history: History,
         *,
+        role: str = "user",
         max_length: int | None = None,
         max_new_tokens: int | None = None,
         top_p: float | None = None,
         temperature: float | None = None,
         watch: GenerationWatch | None = None,
-    ) -> Iterator[tuple[str, History]]:
-        """Yield (reply text so far, history with this turn) as tokens arrive.
+    ) -> Iterator[tuple[Response, History]]:
+        """Yield (response so far, history with this turn) as tokens arrive; a ChatGLM3 tool call is
+        a dict (see `chat.parse_chatglm3_response`). `role` is the query's (ChatGLM3: user or observation).
 
         Temperature 0 means greedy decoding (sampling needs a positive temperature).
         """
@@ -232,7 +234,13 @@ class ChatModel:
             kwargs["max_new_tokens"] = max_new_tokens
         if watch is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
-        for response, new_history in self.model.stream_chat(self.tokenizer, query, history, **kwargs):
+        if role != "user":
+            kwargs["role"] = role
+        yield from self.model.stream_chat(self.tokenizer, query, history, **kwargs)
+
+    def stream(self, query: str, history: History, **kwargs: Any) -> Iterator[tuple[str, History]]:
+        """`replies` as display text (a tool call as JSON)."""
+        for response, new_history in self.replies(query, history, **kwargs):
             yield response_text(response), new_history
 
 

@@ -14,12 +14,15 @@ from servers import free_port, python_module, running_server, write_prefix_check
 
 httpx = pytest.importorskip("httpx", reason="pip install gradio (brings httpx, fastapi, uvicorn)")
 openai = pytest.importorskip("openai", reason="pip install openai (requirements-test.txt)")
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from chatglm_ptuning.api import Message, ServerLimits, conversation, create_app
+from chatglm_ptuning.api import Message, ServerLimits, Turn, conversation, create_app
 from chatglm_ptuning.loading import load_model
 from chatglm_ptuning.serving import ChatModel
+from chatglm_ptuning.tools import TOOL_SYSTEM_PROMPT, render_tool_call
 
 MODEL_ID = "tiny-chatglm2-pt"
 MAX_TOKENS = 64  # the server's --max_tokens
@@ -183,11 +186,15 @@ def test_chatglm3_keeps_system_messages_in_its_history():
     messages = [
         Message(role=r, content=c) for r, c in [("system", "s"), ("user", "q1"), ("assistant", "a1"), ("user", "q2")]
     ]
-    assert conversation(messages, message_history=True) == (
+    assert conversation(messages, message_history=True) == Turn(
         "q2",
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+        [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "metadata": "", "content": "a1"},
+        ],
     )
-    assert conversation(messages, message_history=False) == ("s\nq2", [("q1", "a1")])
+    assert conversation(messages, message_history=False) == Turn("s\nq2", [("q1", "a1")])
 
 
 def test_openai_client_sees_bad_requests_as_errors(client):
@@ -303,3 +310,141 @@ def test_client_that_disconnects_stops_generation_and_the_next_request_is_served
     abandoned = [t for t in steps if t <= started]
     assert len(abandoned) < 60, "the abandoned request kept generating"
     assert abandoned[-1] - gone < 1.0, f"generation went on {abandoned[-1] - gone:.1f} s after the client left"
+
+
+# ---- function calling (ChatGLM3) --------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "查询城市天气",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL_ARGUMENTS = {"city": "北京", "days": 2}
+
+
+class ForceReply(LogitsProcessor):
+    """Makes generation emit `ids` one by one (finite scores: the chat guard resets non-finite ones)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids, self.start = ids, None
+
+    def __call__(self, input_ids, scores):
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        step = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
+        forced = torch.full_like(scores, -1e4)
+        forced[:, self.ids[step]] = 1e4
+        return forced
+
+
+@pytest.fixture(scope="module")
+def glm3_chat(tiny_glm3_dir):
+    """The tiny random ChatGLM3 model. It cannot call a tool by itself, so each test scripts the reply:
+    `script(ids)` wraps stream_chat to force those output tokens (a ForceReply logits processor);
+    `prompts` records each prompt's input ids."""
+    chat_model = ChatModel(*load_model(tiny_glm3_dir))
+    model, prompts, forced = chat_model.model, [], {}
+    stream_chat = model.stream_chat
+
+    def scripted_stream_chat(tokenizer, query, history=None, role="user", **kwargs):
+        prompts.append(tokenizer.build_chat_input(query, history=history, role=role)["input_ids"][0].tolist())
+        kwargs["logits_processor"] = LogitsProcessorList([ForceReply(forced["ids"])])
+        return stream_chat(tokenizer, query, history, role=role, **kwargs)
+
+    model.stream_chat = scripted_stream_chat
+
+    def script(ids):
+        forced["ids"] = ids
+
+    return chat_model, script, prompts
+
+
+def reply_ids(tokenizer, metadata: str, content: str, stop: str) -> list[int]:
+    """The tokens a ChatGLM3 model emits after <|assistant|> for a reply, then its stop token."""
+    return tokenizer.build_single_message("assistant", metadata, content)[1:] + [tokenizer.get_command(stop)]
+
+
+@pytest.fixture(scope="module")
+def glm3_server(glm3_chat):
+    chat_model = glm3_chat[0]
+    with serving_in_thread(create_app(chat_model, "tiny-chatglm3", ServerLimits(64, MAX_BODY, 1))) as base:
+        yield base, openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
+
+
+def tools_system(tokenizer):
+    return {"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": [WEATHER_TOOL["function"]]}
+
+
+def test_tools_in_and_tool_call_out(glm3_chat, glm3_server):
+    chat_model, script, prompts = glm3_chat
+    tokenizer, (_, client) = chat_model.tokenizer, glm3_server
+    script(reply_ids(tokenizer, "get_weather", render_tool_call(CALL_ARGUMENTS), "<|observation|>"))
+    messages = [{"role": "user", "content": "北京天气？"}]
+    reply = client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], max_tokens=60)
+    # The prompt: ChatGLM3's tool system message (the function definitions), then the question.
+    assert prompts[-1] == tokenizer.build_chat_input("北京天气？", history=[tools_system(tokenizer)])["input_ids"][0].tolist()
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == CALL_ARGUMENTS
+
+    chunks = list(client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    pieces = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert pieces[0].id.startswith("call_") and pieces[0].function.name == "get_weather" and pieces[0].index == 0
+    assert json.loads("".join(p.function.arguments or "" for p in pieces)) == CALL_ARGUMENTS
+    assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The call and its result go back as ChatGLM3's function-call and observation turns.
+    script(reply_ids(tokenizer, "", "北京晴。", "<|user|>"))
+    followup = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"weather": "晴"}'},
+    ]
+    answer = client.chat.completions.create(model="m", messages=followup, tools=[WEATHER_TOOL], max_tokens=60)
+    history = [
+        tools_system(tokenizer),
+        {"role": "user", "content": "北京天气？"},
+        {"role": "assistant", "metadata": "get_weather", "content": render_tool_call(CALL_ARGUMENTS)},
+    ]
+    expected = tokenizer.build_chat_input('{"weather": "晴"}', history=history, role="observation")
+    assert prompts[-1] == expected["input_ids"][0].tolist()
+    assert answer.choices[0].message.content == "北京晴。" and answer.choices[0].finish_reason == "stop"
+    assert not answer.choices[0].message.tool_calls
+
+
+def test_tool_choice_none_offers_no_tools_and_others_are_refused(glm3_chat, glm3_server):
+    chat_model, script, prompts = glm3_chat
+    tokenizer, (base, client) = chat_model.tokenizer, glm3_server
+    script(reply_ids(tokenizer, "get_weather", render_tool_call(CALL_ARGUMENTS), "<|observation|>"))
+    messages = [{"role": "user", "content": "北京天气？"}]
+    reply = client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], tool_choice="none")
+    assert prompts[-1] == tokenizer.build_chat_input("北京天气？")["input_ids"][0].tolist()
+    assert reply.choices[0].finish_reason != "tool_calls" and not reply.choices[0].message.tool_calls
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(openai.BadRequestError, match='only "none" and "auto"'):
+            client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], tool_choice=choice)
+
+
+BAD_TOOL_REQUESTS = {
+    "tool type": ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    "arguments not an object": ({"messages": [message(), {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}, {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, "messages.1.tool_calls.0.function.arguments"),
+    "unknown tool_call_id": ({"messages": [message(), {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c2", "content": "x"}]}, "messages.2.tool_call_id"),
+    "missing tool result": ({"messages": [message(), {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    "tool result without a call": ({"messages": [message(), {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, "messages.1.role"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_TOOL_REQUESTS))
+def test_bad_function_calling_requests_get_400(glm3_server, name):
+    body, param = BAD_TOOL_REQUESTS[name]
+    response = httpx.post(f"{glm3_server[0]}/chat/completions", json={"messages": [message()], **body}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_other_families_refuse_tools(client):
+    with pytest.raises(openai.BadRequestError, match="function calling needs a ChatGLM3 model; .* ChatGLM2-6B"):
+        client.chat.completions.create(model=MODEL_ID, messages=[message()], tools=[WEATHER_TOOL])
