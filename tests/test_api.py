@@ -14,10 +14,9 @@ from servers import free_port, python_module, running_server, write_prefix_check
 
 httpx = pytest.importorskip("httpx", reason="pip install gradio (brings httpx, fastapi, uvicorn)")
 openai = pytest.importorskip("openai", reason="pip install openai (requirements-test.txt)")
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from transformers import LogitsProcessor, LogitsProcessorList
+from scripted_replies import ScriptedReplies, reply_ids
 
 from chatglm_ptuning.api import Message, ServerLimits, Turn, conversation, create_app
 from chatglm_ptuning.loading import load_model
@@ -325,45 +324,13 @@ WEATHER_TOOL = {
 CALL_ARGUMENTS = {"city": "北京", "days": 2}
 
 
-class ForceReply(LogitsProcessor):
-    """Makes generation emit `ids` one by one (finite scores: the chat guard resets non-finite ones)."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids, self.start = ids, None
-
-    def __call__(self, input_ids, scores):
-        self.start = input_ids.shape[1] if self.start is None else self.start
-        step = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
-        forced = torch.full_like(scores, -1e4)
-        forced[:, self.ids[step]] = 1e4
-        return forced
-
-
 @pytest.fixture(scope="module")
 def glm3_chat(tiny_glm3_dir):
-    """The tiny random ChatGLM3 model. It cannot call a tool by itself, so each test scripts the reply:
-    `script(ids)` wraps stream_chat to force those output tokens (a ForceReply logits processor);
-    `prompts` records each prompt's input ids."""
+    """The tiny random ChatGLM3 model with scripted replies (it cannot call a tool by itself: the
+    output tokens are forced, see scripted_replies); `prompts` records each prompt's input ids."""
     chat_model = ChatModel(*load_model(tiny_glm3_dir))
-    model, prompts, forced = chat_model.model, [], {}
-    stream_chat = model.stream_chat
-
-    def scripted_stream_chat(tokenizer, query, history=None, role="user", **kwargs):
-        prompts.append(tokenizer.build_chat_input(query, history=history, role=role)["input_ids"][0].tolist())
-        kwargs["logits_processor"] = LogitsProcessorList([ForceReply(forced["ids"])])
-        return stream_chat(tokenizer, query, history, role=role, **kwargs)
-
-    model.stream_chat = scripted_stream_chat
-
-    def script(ids):
-        forced["ids"] = ids
-
-    return chat_model, script, prompts
-
-
-def reply_ids(tokenizer, metadata: str, content: str, stop: str) -> list[int]:
-    """The tokens a ChatGLM3 model emits after <|assistant|> for a reply, then its stop token."""
-    return tokenizer.build_single_message("assistant", metadata, content)[1:] + [tokenizer.get_command(stop)]
+    scripted = ScriptedReplies(chat_model.model)
+    return chat_model, scripted.script, scripted.prompts
 
 
 @pytest.fixture(scope="module")
