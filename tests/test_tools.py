@@ -8,6 +8,7 @@ import ast
 import json
 
 import pytest
+from official_layout import REPO_ROOT
 from test_data import batch, data_args, load_tokenizer, write
 
 from chatglm_ptuning.data import DataError, IGNORE_INDEX, load_rows, preprocess_eval, preprocess_train
@@ -185,3 +186,61 @@ def test_tool_call_scores_count_name_and_arguments_per_tool_step():
     scores = compute_metrics(predictions, labels)
     assert scores["tool-call-acc"] == 66.6667 and "rouge-l" in scores and "bleu-4" in scores
     assert set(compute_metrics(["你好"], ["你好"])) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4"}
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+SHORT_TOOLS = [{"name": "get_weather", "description": "天气", "parameters": {"city": "string"}}]
+
+
+def short_tool_rows(path, rows):
+    """Sample rows with a one-tool definition, so that they fit the tiny model's 256-token context."""
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][:rows]
+    return "".join(json.dumps({**row, "tools": SHORT_TOOLS}, ensure_ascii=False) + "\n" for row in lines)
+
+
+@pytest.mark.slow
+def test_train_tools_recipe_then_predict_reports_tool_metrics(tmp_path, tiny_glm3_dir):
+    import subprocess
+
+    from servers import server_env
+
+    from chatglm_ptuning.train import main
+
+    samples = REPO_ROOT / "data_samples"
+    train = write(tmp_path, "tools_train.json", short_tool_rows(samples / "tools_train.json", 8))
+    dev = write(tmp_path, "tools_dev.json", short_tool_rows(samples / "tools_dev.json", 3))
+    out = tmp_path / "out"
+    env = server_env(
+        MODEL_PATH=str(tiny_glm3_dir), TRAIN_FILE=str(train), VALIDATION_FILE=str(dev), OUTPUT_DIR=str(out),
+        MAX_SOURCE_LENGTH="160", MAX_TARGET_LENGTH="64", PRE_SEQ_LEN="4", QUANTIZATION_BIT="", BATCH_SIZE="2",
+        GRAD_ACCUM="1", MAX_STEPS="2", SAVE_STEPS="2", LOGGING_STEPS="1",
+    )  # fmt: skip
+    result = subprocess.run(
+        ["bash", "train_tools.sh", "--report_to", "none"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    code = main([
+        "--do_predict", "--test_file", str(dev), "--train_format", "conversations",
+        "--model_name_or_path", str(tiny_glm3_dir), "--ptuning_checkpoint", str(out / "checkpoint-2"),
+        "--output_dir", str(tmp_path / "pred"), "--max_source_length", "160", "--max_target_length", "64",
+        "--predict_with_generate", "--do_sample", "False", "--report_to", "none",
+    ])  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "pred" / "predict_results.json").read_text())
+    assert results["predict_tool-steps"] == 3.0 and {"predict_tool-name-acc", "predict_tool-call-acc", "predict_rouge-l"} <= set(results)
+    labels = [json.loads(line)["labels"] for line in (tmp_path / "pred" / "generated_predictions.txt").open()]
+    assert [parse_call_text(label)[0] for label in labels] == ["get_weather", "search_trains", "convert_currency"]
+
+
+def test_tool_rows_on_a_chatglm2_model_are_one_clear_error(tmp_path, tiny_glm2_dir, capsys):
+    from chatglm_ptuning.train import main
+
+    data = write(tmp_path, "tools.jsonl", json.dumps(tool_row(), ensure_ascii=False) + "\n")
+    code = main([
+        "--do_train", "--train_file", str(data), "--train_format", "conversations", "--model_name_or_path",
+        str(tiny_glm2_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none",
+    ])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"error: {data}:1: tool definitions and calls need a ChatGLM3 tokenizer (role tokens); this tokenizer is chatglm2"]
