@@ -737,10 +737,12 @@ def make_tools(rng: random.Random) -> tuple[list[dict], list[dict]]:
     train = []
     for index in range(TOOLS_TRAIN_ROWS):
         messages = []
+        calls = 1 if index % 3 else 2
         if index % 9 == 8:  # no tool needed
             question, answer = SMALL_TALK[index // 9 % len(SMALL_TALK)]
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        for turn in range(1 if index % 3 else 2):
+            calls = 0
+        for _ in range(calls):
             question, step, answer = rng.choice(TOOL_STEPS)(rng, TOOL_CITIES)
             messages.append({"role": "user", "content": question})
             if rng.random() < 0.3:

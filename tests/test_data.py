@@ -539,7 +539,8 @@ def test_sample_files_match_their_generator(tmp_path):
         check=True,
         capture_output=True,
     )
-    for name in ("adgen_train.json", "adgen_dev.json", "chat_train.json", "chat_dev.json", "conversations_train.json"):
+    names = ("adgen_train.json", "adgen_dev.json", "chat_train.json", "chat_dev.json", "conversations_train.json")
+    for name in (*names, "tools_train.json", "tools_dev.json"):
         assert (tmp_path / name).read_bytes() == (SAMPLES / name).read_bytes(), name
 
 

@@ -244,3 +244,17 @@ def test_tool_rows_on_a_chatglm2_model_are_one_clear_error(tmp_path, tiny_glm2_d
     ])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err == [f"error: {data}:1: tool definitions and calls need a ChatGLM3 tokenizer (role tokens); this tokenizer is chatglm2"]
+
+
+def test_tool_sample_files(glm3):
+    args = data_args(train_format="conversations", max_source_length=1024, max_target_length=128)
+    train = load_rows(REPO_ROOT / "data_samples" / "tools_train.json", args, "chatglm3").rows
+    dev = load_rows(REPO_ROOT / "data_samples" / "tools_dev.json", args, "chatglm3").rows
+    assert len(train) >= 30 and len(dev) >= 8
+    calls = [m["metadata"] for row in train for m in row["conversations"] if m["metadata"]]
+    assert set(calls) == {"get_weather", "search_trains", "convert_currency"} and len(calls) > len(train)
+    assert any(not any(m["metadata"] for m in row["conversations"]) for row in train)  # some rows call no tool
+    features = preprocess_train(glm3, batch(*train), args)
+    assert all(ids[-1] == glm3.pad_token_id for ids in features["input_ids"])  # nothing cut at 1024 + 128
+    references = [glm3.decode(labels, skip_special_tokens=True) for labels in preprocess_eval(glm3, batch(*dev), args)["labels"]]
+    assert all(parse_call_text(text) for text in references)  # every dev row is evaluated on a call
