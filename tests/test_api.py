@@ -305,7 +305,7 @@ def test_client_that_disconnects_stops_generation_and_the_next_request_is_served
         reply = httpx.post(f"{base}/chat/completions", json={**request, "max_tokens": 4}, timeout=30)
         waited = time.monotonic() - started
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
-    assert waited < 2.0, f"the next request waited {waited:.1f} s behind the abandoned one"
+    assert waited < 3.0, f"the next request waited {waited:.1f} s behind the abandoned one"
     abandoned = [t for t in steps if t <= started]
     assert len(abandoned) < 60, "the abandoned request kept generating"
     assert abandoned[-1] - gone < 1.0, f"generation went on {abandoned[-1] - gone:.1f} s after the client left"
@@ -367,8 +367,8 @@ def test_tools_in_and_tool_call_out(glm3_chat, glm3_server):
 
     # The call and its result go back as ChatGLM3's function-call and observation turns.
     script(reply_ids(tokenizer, "", "北京晴。", "<|user|>"))
-    followup = messages + [
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+    followup = messages + [  # the reply message sent back as it came, as clients do
+        reply.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": '{"weather": "晴"}'},
     ]
     answer = client.chat.completions.create(model="m", messages=followup, tools=[WEATHER_TOOL], max_tokens=60)
