@@ -11,6 +11,12 @@ parameters, prompts longer than the context), 401 for a wrong API key, 413 for a
 the next token, freeing the model for the requests waiting. `/v1/models` names the model folders,
 never their local paths.
 
+Function calling (ChatGLM3 models only; the others answer `tools` with a 400): `tools` become
+ChatGLM3's tool system message, a reply that is a tool call comes back as `message.tool_calls` with
+`finish_reason: "tool_calls"` (streamed as `delta.tool_calls`), and assistant `tool_calls` with the
+`tool` messages answering them go back to the model as its function-call and observation turns, as
+ChatGLM3's openai_api_demo maps them; `tool_choice` "auto" or "none".
+
 Reference: the official ChatGLM2-6B openai_api.py (system message prepended to the query, history
 from user/assistant pairs); this server adds validation, limits, usage counts and finish reasons.
 """
