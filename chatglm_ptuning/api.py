@@ -431,7 +431,10 @@ def _tool_call(response: Any, completion: Completion) -> dict[str, Any] | None:
     """A parsed ChatGLM3 tool call as an OpenAI `tool_calls` entry, when tools were offered."""
     if not (completion.tools_offered and isinstance(response, dict) and "parameters" in response):
         return None
-    arguments = json.dumps(response["parameters"], ensure_ascii=False)
+    try:  # a Python literal JSON cannot hold (a set, bytes, 1e999) leaves the reply as text
+        arguments = json.dumps(response["parameters"], ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": response["name"], "arguments": arguments}}
 
 

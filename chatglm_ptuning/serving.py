@@ -122,7 +122,7 @@ def response_text(response: Response) -> str:
     if isinstance(response, str):
         return response
     if is_tool_call(response):
-        return f"Tool call: {response['name']} {json.dumps(response['parameters'], ensure_ascii=False)}"
+        return f"Tool call: {response['name']} {json.dumps(response['parameters'], ensure_ascii=False, default=repr)}"
     return f"{response.get('name', '')}\n{response.get('content', '')}"
 
 

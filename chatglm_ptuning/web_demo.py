@@ -85,7 +85,7 @@ RESULT_LABEL = "Result of the tool call:"
 def reply_markdown(response: Any) -> str:
     """A reply for the chatbot: text as it is, a tool call as the tool's name and its arguments."""
     if is_tool_call(response):
-        arguments = json.dumps(response["parameters"], ensure_ascii=False, indent=2)
+        arguments = json.dumps(response["parameters"], ensure_ascii=False, indent=2, default=repr)
         return f"🛠️ Tool call: `{response['name']}`\n```json\n{arguments}\n```"
     return response_text(response)
 

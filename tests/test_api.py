@@ -383,6 +383,14 @@ def test_tools_in_and_tool_call_out(glm3_chat, glm3_server):
     assert not answer.choices[0].message.tool_calls
 
 
+def test_a_call_json_cannot_hold_is_returned_as_text(glm3_chat, glm3_server):
+    chat_model, script, _ = glm3_chat
+    script(reply_ids(chat_model.tokenizer, "get_weather", "```python\ntool_call(city={1, 2})\n```", "<|observation|>"))
+    reply = glm3_server[1].chat.completions.create(model="m", messages=[message()], tools=[WEATHER_TOOL], max_tokens=60)
+    assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
+    assert reply.choices[0].message.content == "Tool call: get_weather {\"city\": \"{1, 2}\"}"
+
+
 def test_tool_choice_none_offers_no_tools_and_others_are_refused(glm3_chat, glm3_server):
     chat_model, script, prompts = glm3_chat
     tokenizer, (base, client) = chat_model.tokenizer, glm3_server
