@@ -3,9 +3,19 @@
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions` (with `stream`:
 server-sent events ending in `data: [DONE]`). Any `model` name is accepted (clients often send a
 fixed one); replies carry the served id. Errors use OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, with 400 for invalid requests (bad JSON, missing
-or misordered messages, unknown roles, out-of-range parameters, prompts longer than the context),
-401 for a wrong API key, 413 for an oversized body and 500 for a failed generation.
+`{"error": {"message", "type", "param", "code"}}`, with 400 for invalid requests (bad JSON, JSON
+nested deeper than 64 levels, text with a lone surrogate, missing or misordered messages, unknown
+roles, values of the wrong JSON type (strict, as OpenAI: `"0.5"` is not a number), out-of-range
+parameters, prompts longer than the context), 401 for a wrong API key, 413 for an oversized body and
+500 for a failed generation. A non-streaming request whose client disconnects stops generating at
+the next token, freeing the model for the requests waiting. `/v1/models` names the model folders,
+never their local paths.
+
+Function calling (ChatGLM3 models only; the others answer `tools` with a 400): `tools` become
+ChatGLM3's tool system message, a reply that is a tool call comes back as `message.tool_calls` with
+`finish_reason: "tool_calls"` (streamed as `delta.tool_calls`), and assistant `tool_calls` with the
+`tool` messages answering them go back to the model as its function-call and observation turns, as
+ChatGLM3's openai_api_demo maps them; `tool_choice` "auto" or "none".
 
 Reference: the official ChatGLM2-6B openai_api.py (system message prepended to the query, history
 from user/assistant pairs); this server adds validation, limits, usage counts and finish reasons.
@@ -17,9 +27,10 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,19 +39,45 @@ from fastapi import FastAPI, Request  # fastapi, uvicorn and pydantic come with 
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .serving import ChatModel, GenerationWatch, TextDeltas, add_model_arguments, load_or_exit, parse_model_arguments
+from .serving import (
+    ChatModel,
+    GenerationWatch,
+    TextDeltas,
+    add_model_arguments,
+    load_or_exit,
+    parse_model_arguments,
+    response_text,
+)
+from .tools import TOOL_SYSTEM_PROMPT, render_tool_call
 
 logger = logging.getLogger(__name__)
 
 # ---- request schema ---------------------------------------------------------------------------
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str  # OpenAI's list of text parts is joined into one string
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None  # OpenAI's list of text parts is joined into one string; null only beside tool_calls
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
     @field_validator("content", mode="before")
     @classmethod
@@ -57,14 +94,30 @@ class Message(BaseModel):
         return "".join(texts)
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # description, parameters, ...: passed on as given
+    name: str = Field(min_length=1)
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields this server uses; other OpenAI fields are accepted and ignored."""
+    """The fields this server uses; other OpenAI fields are accepted and ignored.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict types, as OpenAI checks them: `"temperature": "0.5"`, `"max_tokens": true` or
+    `"stream": "yes"` are refused rather than coerced (an integer is still a valid float).
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)  # 0: greedy
@@ -74,6 +127,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = None  # ChatGLM3 only
+    tool_choice: Any = None  # "none" or "auto" (the default when tools are given)
 
 
 class RequestError(Exception):
@@ -99,20 +154,81 @@ def _validation_message(error: ValidationError) -> tuple[str, str]:
     return f"{param}: {first['msg']}{found}", param
 
 
+MAX_JSON_DEPTH = 64  # deeper request bodies are refused (OpenAI's own requests nest a handful of levels)
+
+
+def check_json_text(value: Any) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH and strings holding a lone UTF-16 surrogate
+    (`"\\ud800"` parses, but it is not Unicode text: no tokenizer or UTF-8 writer takes it).
+
+    Walks iteratively, so no depth can overflow the stack; errors name the JSON path.
+    """
+    pending: list[tuple[Any, tuple, int]] = [(value, (), 0)]
+    while pending:
+        item, path, depth = pending.pop()
+        param = ".".join(map(str, path)) or None
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, str):
+            surrogate = _SURROGATE.search(item)
+            if surrogate:
+                raise RequestError(
+                    f"{param or 'body'}: the text holds a lone surrogate (\\u{ord(surrogate.group()):04x} at character "
+                    f"{surrogate.start()}), which is not valid Unicode",
+                    param,
+                )
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                pending.append((key, path, depth + 1))
+                pending.append((child, (*path, key), depth + 1))
+        elif isinstance(item, list):
+            pending.extend((child, (*path, index), depth + 1) for index, child in enumerate(item))
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 # ---- messages -> (query, history) -------------------------------------------------------------
 
 
-def conversation(messages: list[Message], message_history: bool) -> tuple[str, list]:
+@dataclass
+class Turn:
+    """What the model is asked: the query, its role (ChatGLM3: user or observation) and the history."""
+
+    query: str
+    history: list
+    role: str = "user"
+
+
+def _text(message: Message, index: int) -> str:
+    if message.content is None:
+        raise RequestError(f"messages[{index}].content: expected a string, found null", f"messages.{index}.content")
+    return message.content
+
+
+def conversation(messages: list[Message], message_history: bool, tools: list[dict] | None = None) -> Turn:
     """Split OpenAI messages into the query and the family's history.
 
     Leading system messages are allowed; then user and assistant must alternate, ending with user.
     ChatGLM3 (`message_history`) keeps system messages in its history; ChatGLM-6B/2 have no system
-    role, so their text is put before the query, as the official openai_api.py does.
+    role, so their text is put before the query, as the official openai_api.py does. ChatGLM3 also
+    takes function calling (see `_chatglm3_turn`); the other families refuse it.
     """
+    if message_history:
+        return _chatglm3_turn(messages, tools)
+    for index, message in enumerate(messages):
+        if message.role == "tool" or message.tool_calls:
+            what = "'tool' messages" if message.role == "tool" else "tool_calls"
+            param = f"messages.{index}.role" if message.role == "tool" else f"messages.{index}.tool_calls"
+            raise RequestError(
+                f"messages[{index}]: {what} (function calling) need a ChatGLM3 model; this server's model has no "
+                f"tool calls (found role {message.role!r})",
+                param,
+            )
     system = []
     start = 0
     while start < len(messages) and messages[start].role == "system":
-        system.append(messages[start].content)
+        system.append(_text(messages[start], start))
         start += 1
     turns = messages[start:]
     if not turns:
@@ -125,20 +241,108 @@ def conversation(messages: list[Message], message_history: bool) -> tuple[str, l
                 f"alternate), found {message.role!r}",
                 f"messages.{index}.role",
             )
+        _text(message, index)
     if turns[-1].role != "user":
         raise RequestError(
             f"the last message must have role 'user', found {turns[-1].role!r}", f"messages.{len(messages) - 1}.role"
         )
     query = turns[-1].content
     previous = turns[:-1]
-    if message_history:
-        history = [{"role": "system", "content": text} for text in system]
-        history += [{"role": message.role, "content": message.content} for message in previous]
-        return query, history
     history = [(previous[i].content, previous[i + 1].content) for i in range(0, len(previous), 2)]
     if system:
         query = "\n".join(system) + "\n" + query if query else "\n".join(system)
-    return query, history
+    return Turn(query, history)
+
+
+def _call_message(call: ToolCall, where: str) -> dict[str, Any]:
+    """An OpenAI tool call as ChatGLM3's function-call message (metadata = name, the fenced call)."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError as error:
+        arguments = error
+    if not isinstance(arguments, dict):
+        raise RequestError(
+            f"{where}.function.arguments: expected a JSON object as a string, found {call.function.arguments[:80]!r}",
+            f"{where}.function.arguments",
+        )
+    return {"role": "assistant", "metadata": call.function.name, "content": render_tool_call(arguments)}
+
+
+def _chatglm3_turn(messages: list[Message], tools: list[dict] | None) -> Turn:
+    """ChatGLM3 messages, as its openai_api_demo maps them: `tools` -> a first system message carrying
+    them; an assistant message with `tool_calls` -> its text (if any) and one function-call message
+    per call, each followed by the observation of the `tool` message answering it (by tool_call_id).
+
+    Order: system messages, then user; an assistant reply (text, calls, or both) after each user
+    message or after the tool results; `tool` messages right after the calls they answer, all of
+    them. The last message is the query: a user message, or a tool result (role observation).
+    """
+    out: list[dict[str, Any]] = []
+    if tools is not None:
+        out.append({"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": tools})
+    index = 0
+    while index < len(messages) and messages[index].role == "system":
+        out.append({"role": "system", "content": _text(messages[index], index)})
+        index += 1
+    expected = ("user",)
+    while index < len(messages):
+        message = messages[index]
+        if message.role not in expected:
+            raise RequestError(
+                f"messages[{index}].role: expected {' or '.join(map(repr, expected))} (after any leading system "
+                "messages, a user message, then the assistant's reply: text, tool_calls with a 'tool' message for "
+                f"each, or both), found {message.role!r}",
+                f"messages.{index}.role",
+            )
+        if message.role == "user":
+            out.append({"role": "user", "content": _text(message, index)})
+            expected, index = ("assistant",), index + 1
+            continue
+        if message.role == "tool":  # a result without a call before it
+            raise RequestError(
+                f"messages[{index}]: a 'tool' message must follow an assistant message with tool_calls",
+                f"messages.{index}.role",
+            )
+        if not message.tool_calls:
+            out.append({"role": "assistant", "metadata": "", "content": _text(message, index)})
+            expected, index = ("user",), index + 1
+            continue
+        if message.content:
+            out.append({"role": "assistant", "metadata": "", "content": message.content})
+        where = f"messages.{index}.tool_calls"
+        calls = {call.id: (_call_message(call, f"{where}.{n}"), n) for n, call in enumerate(message.tool_calls)}
+        if len(calls) != len(message.tool_calls):
+            raise RequestError(f"messages[{index}].tool_calls: two calls share an id", where)
+        results: dict[str, str] = {}
+        index += 1
+        while index < len(messages) and messages[index].role == "tool" and len(results) < len(calls):
+            result = messages[index]
+            if result.tool_call_id not in calls or result.tool_call_id in results:
+                raise RequestError(
+                    f"messages[{index}].tool_call_id: expected one of the unanswered calls "
+                    f"{sorted(set(calls) - set(results))}, found {result.tool_call_id!r}",
+                    f"messages.{index}.tool_call_id",
+                )
+            results[result.tool_call_id] = _text(result, index)
+            index += 1
+        if len(results) < len(calls):
+            missing = sorted(set(calls) - set(results))
+            raise RequestError(
+                f"messages[{index - 1}]: every tool call needs a 'tool' message with its tool_call_id; missing {missing}",
+                "messages",
+            )
+        for call_id, (call, _) in sorted(calls.items(), key=lambda item: item[1][1]):
+            out += [call, {"role": "observation", "content": results[call_id]}]
+        expected = ("assistant",)
+    last = out[-1]
+    if last["role"] not in ("user", "observation"):
+        raise RequestError(
+            f"the last message must be a user message or a tool result, found {messages[-1].role!r}",
+            f"messages.{len(messages) - 1}.role",
+        )
+    if not any(message["role"] == "user" for message in out):
+        raise RequestError("messages must contain a user message after the system message(s)", "messages")
+    return Turn(last["content"], out[:-1], last["role"])
 
 
 # ---- the app ----------------------------------------------------------------------------------
@@ -153,19 +357,43 @@ class ServerLimits:
 
 @dataclass
 class Completion:
-    query: str
-    history: list
+    turn: Turn
     prompt_tokens: int
     max_new_tokens: int
+    tools_offered: bool  # a tool call in the reply is returned as tool_calls
+
+
+def _offered_tools(chat_model: ChatModel, request: ChatCompletionRequest) -> list[dict] | None:
+    """The request's function definitions for ChatGLM3's tool system message, or None (no tools, or
+    tool_choice "none"). Other families and other tool_choice values are refused."""
+    choice = request.tool_choice
+    if choice is not None and choice not in ("none", "auto"):
+        raise RequestError(
+            f"tool_choice: only \"none\" and \"auto\" are supported (ChatGLM3 decides itself whether to call a "
+            f"tool), found {json.dumps(choice)[:80]}",
+            "tool_choice",
+        )
+    if request.tools is None:
+        return None
+    if "system" not in chat_model.family.roles:
+        raise RequestError(
+            f"tools: function calling needs a ChatGLM3 model; this server's model is {chat_model.family.name}, "
+            "which was not trained for tool calls",
+            "tools",
+        )
+    if choice == "none" or not request.tools:
+        return None
+    return [tool.function.model_dump() for tool in request.tools]
 
 
 def _plan(chat_model: ChatModel, request: ChatCompletionRequest, limits: ServerLimits) -> Completion:
-    query, history = conversation(request.messages, "system" in chat_model.family.roles)
+    tools = _offered_tools(chat_model, request)
+    turn = conversation(request.messages, "system" in chat_model.family.roles, tools)
     asked = request.max_completion_tokens or request.max_tokens
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > limits.max_tokens:
         raise RequestError(f"{param} must be at most {limits.max_tokens}, found {asked}", param)
-    prompt_tokens = chat_model.prompt_tokens(query, history)
+    prompt_tokens = chat_model.prompt_tokens(turn.query, turn.history, turn.role)
     context = chat_model.context_length
     if prompt_tokens + (asked or 1) > context:
         raise RequestError(
@@ -175,7 +403,8 @@ def _plan(chat_model: ChatModel, request: ChatCompletionRequest, limits: ServerL
             "messages",
             "context_length_exceeded",
         )
-    return Completion(query, history, prompt_tokens, asked or min(limits.max_tokens, context - prompt_tokens))
+    max_new_tokens = asked or min(limits.max_tokens, context - prompt_tokens)
+    return Completion(turn, prompt_tokens, max_new_tokens, tools is not None)
 
 
 def _finish_reason(chat_model: ChatModel, watch: GenerationWatch, completion: Completion) -> tuple[str, int]:
@@ -186,15 +415,27 @@ def _finish_reason(chat_model: ChatModel, watch: GenerationWatch, completion: Co
 
 
 def _generation(chat_model: ChatModel, completion: Completion, request: ChatCompletionRequest, watch: GenerationWatch):
-    """The reply's snapshots: an iterator of (text so far, history)."""
-    return chat_model.stream(
-        completion.query,
-        completion.history,
+    """The reply's snapshots: an iterator of (response so far, history); a tool call is a dict."""
+    return chat_model.replies(
+        completion.turn.query,
+        completion.turn.history,
+        role=completion.turn.role,
         max_new_tokens=completion.max_new_tokens,
         top_p=request.top_p,
         temperature=request.temperature,
         watch=watch,
     )
+
+
+def _tool_call(response: Any, completion: Completion) -> dict[str, Any] | None:
+    """A parsed ChatGLM3 tool call as an OpenAI `tool_calls` entry, when tools were offered."""
+    if not (completion.tools_offered and isinstance(response, dict) and "parameters" in response):
+        return None
+    try:  # a Python literal JSON cannot hold (a set, bytes, 1e999) leaves the reply as text
+        arguments = json.dumps(response["parameters"], ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": response["name"], "arguments": arguments}}
 
 
 def _usage(completion: Completion, generated: int) -> dict[str, int]:
@@ -203,6 +444,29 @@ def _usage(completion: Completion, generated: int) -> dict[str, int]:
         "completion_tokens": generated,
         "total_tokens": completion.prompt_tokens + generated,
     }
+
+
+class ApiKeyCheck:
+    """ASGI middleware answering 401 unless `Authorization: Bearer <api_key>` is sent. A plain ASGI
+    wrapper (not `@app.middleware`), so the endpoint still sees the client's disconnect message."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and Headers(scope=scope).get("authorization") != self.expected:
+            body = error_body("missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+            await JSONResponse(body, 401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+_PATH_FIELDS = ("Base model", "Checkpoint")
+
+
+def public_info(info: dict[str, str]) -> dict[str, str]:
+    """The model description for clients: folders by their names only, never local paths."""
+    return {key: Path(value).name if key in _PATH_FIELDS and value != "none" else value for key, value in info.items()}
 
 
 def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_key: str | None = None) -> FastAPI:
@@ -215,7 +479,7 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
         "object": "model",
         "created": created,
         "owned_by": "chatglm-ptuning",
-        "info": chat_model.info,
+        "info": public_info(chat_model.info),
     }
 
     @app.exception_handler(HTTPException)
@@ -225,16 +489,16 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
             error_body(f"{request.method} {request.url.path}: {error.detail}", kind=kind), error.status_code
         )
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:  # logged by the server
+        return JSONResponse(error_body(f"internal error: {type(error).__name__}: {error}", kind="server_error"), 500)
+
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
         return JSONResponse(error_body(str(error), error.param, error.code), error.status)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            body = error_body("missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
-            return JSONResponse(body, 401)
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -263,8 +527,11 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RequestError(f"the request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise RequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
         if not isinstance(raw, dict):
             raise RequestError(f"the request body must be a JSON object, found {type(raw).__name__}")
+        check_json_text(raw)
         try:
             return ChatCompletionRequest.model_validate(raw)
         except ValidationError as error:
@@ -282,15 +549,17 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
 
         watch = GenerationWatch()
 
-        def run() -> str:
-            text = ""
-            for text, _ in _generation(chat_model, completion, body, watch):
+        def run() -> Any:
+            response: Any = ""
+            for response, _ in _generation(chat_model, completion, body, watch):
                 pass
-            return text
+            return response
 
         async with semaphore:
+            if await request.is_disconnected():  # gave up while waiting for its turn
+                return JSONResponse(error_body("the client disconnected", kind="client_disconnected"), 499)
             try:
-                text = await run_in_threadpool(run)
+                response = await _run_until_disconnected(request, run, watch)
             except Exception as error:  # reported to the client; the server keeps serving
                 logger.exception("generation failed")
                 return JSONResponse(
@@ -299,23 +568,37 @@ def create_app(chat_model: ChatModel, model_id: str, limits: ServerLimits, api_k
             finally:
                 watch.cancel()
         reason, generated = _finish_reason(chat_model, watch, completion)
+        call = _tool_call(response, completion)
+        if call is None:
+            message = {"role": "assistant", "content": response_text(response)}
+        else:
+            message, reason = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
         return {
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": reason,
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
             "usage": _usage(completion, generated),
         }
 
     return app
+
+
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+
+
+async def _run_until_disconnected(request: Request, run: Callable[[], Any], watch: GenerationWatch) -> Any:
+    """`run()` in a worker thread; if the client goes away meanwhile, `watch` stops the generation at
+    the next token, and this returns once the thread has ended (so the next request starts on a free model)."""
+    task = asyncio.ensure_future(run_in_threadpool(run))
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            logger.info("client disconnected: generation stopped after %d tokens", watch.length)
+            watch.cancel()
+            break
+    return await task
 
 
 def _sse(data: dict | str) -> str:
@@ -347,15 +630,24 @@ async def _event_stream(
     async with semaphore:
         try:
             yield _sse(chunk({"role": "assistant", "content": ""}))
-            deltas, text = TextDeltas(), ""
-            async for text, _ in iterate_in_threadpool(_generation(chat_model, completion, request, watch)):
-                piece = deltas.update(text)
+            deltas, response = TextDeltas(), ""
+            async for response, _ in iterate_in_threadpool(_generation(chat_model, completion, request, watch)):
+                if isinstance(response, str):  # a tool call (a dict) is sent whole at the end
+                    piece = deltas.update(response)
+                    if piece:
+                        yield _sse(chunk({"content": piece}))
+            reason, generated = _finish_reason(chat_model, watch, completion)
+            call = _tool_call(response, completion)
+            if call is None:
+                piece = deltas.finish(response_text(response))
                 if piece:
                     yield _sse(chunk({"content": piece}))
-            piece = deltas.finish(text)
-            if piece:
-                yield _sse(chunk({"content": piece}))
-            reason, generated = _finish_reason(chat_model, watch, completion)
+            else:  # as OpenAI streams a call: id, type and name first, then the arguments
+                function = call["function"]
+                opening = {**call, "function": {"name": function["name"], "arguments": ""}}
+                yield _sse(chunk({"tool_calls": [{"index": 0, **opening}]}))
+                yield _sse(chunk({"tool_calls": [{"index": 0, "function": {"arguments": function["arguments"]}}]}))
+                reason = "tool_calls"
             yield _sse(chunk({}, reason))
             if request.stream_options and request.stream_options.include_usage:
                 usage_chunk = chunk({})

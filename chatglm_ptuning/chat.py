@@ -8,7 +8,6 @@ row: how to build the model input, what ends a reply, how to post-process it int
 
 from __future__ import annotations
 
-import ast
 import queue
 import re
 import threading
@@ -22,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .configuration import ARCH_GLM1, ARCH_GLM2
 from .tokenization import ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLM6BTokenizer
+from .tools import fenced_call_arguments
 
 Response = Any  # str, or for a ChatGLM3 tool call a dict {"name", "parameters"} / {"name", "content"}
 History = list  # ChatGLM-6B/2: [(query, response), ...]; ChatGLM3: [{"role", "content", ...}, ...]
@@ -79,25 +79,11 @@ def parse_chatglm3_response(output: str, history: list[dict[str, Any]]) -> tuple
             continue
         history.append({"role": "assistant", "metadata": metadata, "content": content})
         name = metadata.strip()
-        parameters = _tool_call_arguments(content) if history[0]["role"] == "system" and "tools" in history[0] else None
+        parameters = fenced_call_arguments(content) if history[0]["role"] == "system" and "tools" in history[0] else None
         response = (
             {"name": name, "parameters": parameters} if parameters is not None else {"name": name, "content": content}
         )
     return response, history
-
-
-def _tool_call_arguments(content: str) -> dict[str, Any] | None:
-    """Keyword arguments of a fenced `tool_call(...)` (first and last lines are the fence), or None."""
-    code = "\n".join(content.split("\n")[1:-1]).strip()
-    try:
-        call = ast.parse(code, mode="eval").body
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
-            return None
-        if call.args or any(keyword.arg is None for keyword in call.keywords):
-            return None
-        return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
-    except (SyntaxError, ValueError, TypeError, RecursionError):  # not a literal-only call
-        return None
 
 
 def _round_prompt_inputs(tokenizer: Any, query: str, history: History, role: str) -> BatchEncoding:
@@ -134,6 +120,7 @@ class ChatFamily:
     stop_tokens: tuple[str, ...]  # get_command names ending a reply (besides eos)
     finish: Callable[[str, History, str, str], tuple[Response, History]]  # (decoded reply, history, query, role)
     hold_partial_characters: bool  # stream_chat: wait while the text ends in an incomplete character (U+FFFD)
+    metadata_line: bool = False  # replies open with a metadata line (a tool name or ""): stream_chat waits for it
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         return [tokenizer.eos_token_id] + [tokenizer.get_command(token) for token in self.stop_tokens]
@@ -175,6 +162,7 @@ CHAT_FAMILIES: dict[type, ChatFamily] = {
         stop_tokens=("<|user|>", "<|observation|>"),
         finish=_chatglm3_finish,
         hold_partial_characters=True,
+        metadata_line=True,
     ),
 }
 
@@ -353,8 +341,9 @@ class ChatMixin:
 
         generate() runs on a worker thread and hands tokens over through `streamer=`. ChatGLM2/3 skip
         updates whose text ends in an incomplete character, as the originals do. The last value yielded
-        always equals what `chat()` returns for the same generation. Closing the generator early stops
-        generation.
+        always equals what `chat()` returns for the same generation. ChatGLM3 yields nothing before the
+        reply's metadata line is complete, so a tool call is never shown as text first. Closing the
+        generator early stops generation.
         """
         family, history, inputs, kwargs = self._chat_request(
             tokenizer,
@@ -383,6 +372,8 @@ class ChatMixin:
                 generated.extend(new_tokens)
                 text, response, new_history = self._chat_reply(family, tokenizer, generated, history, query, role)
                 if family.hold_partial_characters and (not text or text.endswith("\ufffd")):
+                    continue
+                if family.metadata_line and "\n" not in text:  # a tool name or a plain reply: not known yet
                     continue
                 last = (response, new_history)
                 yield last

@@ -7,8 +7,14 @@ Layouts (a row is one JSON object):
 - prompt/response columns, named by ``--prompt_column`` / ``--response_column``: ADGEN
   (``content`` / ``summary``) or chat data (``prompt`` / ``response``), optionally with a
   ``--history_column`` holding earlier turns as ``[[query, response], ...]``.
-- ChatGLM3 conversations (``--train_format conversations``): ``{"conversations": [{"role":
-  "system" | "user" | "assistant" | "observation", "content": str, "loss"?: bool}, ...]}``.
+- ChatGLM3 conversations (``--train_format conversations``): ``{"tools"?: [...], "conversations":
+  [{"role": "system" | "user" | "assistant" | "observation", "content": str, "loss"?: bool}, ...]}``,
+  where a message may also be a tool step ``{"role": "tool", "name": str, "parameters": {...},
+  "observation": any, "loss"?: bool}``. As in the ChatGLM3 fine-tuning demo
+  (``finetune_chatmodel_demo/preprocess_utils.py``: ``format_conversation``), ``tools`` becomes a
+  first system message (the tool prompt + ``json.dumps(tools, indent=4, ensure_ascii=False)``) and a
+  tool step becomes the assistant's function call (metadata = name, content = the fenced
+  ``tool_call(k=v, ...)``) followed by the observation (non-string values JSON-encoded, no loss).
 
 Token layouts follow the reference recipe (spec §8.2, §9); ``a`` is the prompt, ``b`` the response:
 
@@ -20,9 +26,9 @@ Token layouts follow the reference recipe (spec §8.2, §9); ``a`` is the prompt
   ``[pad]*len(a) + b + [eos]``, right-padded to ``max_source + max_target + 1``.
 - ChatGLM3-6B: data without history is "input-output" (the raw prompt, otherwise as ChatGLM2).
   Conversations (and prompt/response data with a history column) use the role-token template
-  ``[gMASK, sop] + (<|role|> + "\\n" + content)* + [eos]``; a token is labelled when the token
-  before it belongs to a loss-bearing (assistant) message; truncated and padded to
-  ``max_source + max_target + 1``.
+  ``[gMASK, sop] + (<|role|> + metadata + "\\n" + content)* + [eos]``; a token is labelled when the
+  token before it belongs to a loss-bearing message (every message but system and user, unless
+  ``"loss": false``, as the original); truncated and padded to ``max_source + max_target + 1``.
 - Eval/predict, every family: the prompt alone, left-padded within each map batch by the
   tokenizer, and labels = the response encoded with special tokens, truncated to
   ``val_max_target_length``.
@@ -35,9 +41,11 @@ Multi-turn prompt/response data: the reference learns only the last turn of each
 becomes an extra training example (same token layout, its own history); on ChatGLM3-6B the
 earlier assistant messages of the one conversation carry loss too. Conversations data always
 learns every assistant message, as the ChatGLM3 reference does (``"loss": false`` opts one out).
+Conversations are evaluated on their last answer; when that is a function call, the reference text
+is ``name + "\\n"`` + the fenced call, what the model generates after ``<|assistant|>``.
 
 ``source_prefix`` is put before the templated prompt (for role-token conversations: before the
-content of the first message).
+content of the first message, the tool system message when the row has ``tools``).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .tools import render_tool_call, tools_system_content
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -57,7 +67,9 @@ FAMILY_GLM2 = "chatglm2"  # ChatGLM2-6B
 FAMILY_GLM3 = "chatglm3"  # ChatGLM3-6B (ChatGLM2 architecture, role tokens)
 CONVERSATIONS_FORMAT = "conversations"
 CONVERSATIONS_KEY = "conversations"
-ROLES = ("system", "user", "assistant", "observation")
+TOOLS_KEY = "tools"
+TOOL_ROLE = "tool"  # not a ChatGLM3 role: a function call and its observation in one message
+ROLES = ("system", "user", "assistant", "observation", TOOL_ROLE)
 
 
 class DataArgs(Protocol):
@@ -237,15 +249,45 @@ def _prompt_response_row(row: dict, args: DataArgs, path: Path, line: int) -> di
     return normalised if prompt and response else None
 
 
-def _conversation_row(row: dict, path: Path, line: int) -> dict | None:
-    if "tools" in row:
-        raise DataError(path, line, '"tools": tool definitions are not supported; describe tools in a system message')
+def _message(role: str, content: str, loss: bool | None, metadata: str = "") -> dict[str, Any]:
+    return {"role": role, "metadata": metadata, "content": content, "loss": loss}
+
+
+def _tool_messages(message: dict, where: str, path: Path, line: int) -> list[dict[str, Any]]:
+    """A `{"role": "tool", "name", "parameters", "observation"}` message as the original's two turns:
+    the assistant's function call (metadata = name, content = the fenced `tool_call(...)`; loss unless
+    `"loss": false`) and the observation (non-string observations JSON-encoded; never loss)."""
+    name, parameters = message.get("name"), message.get("parameters")
+    if not isinstance(name, str) or not name.strip():
+        found = "nothing" if "name" not in message else f"{_json_type(name)} {json.dumps(name, ensure_ascii=False)}"
+        raise DataError(path, line, f'{where}."name": a "tool" message needs the tool\'s name as a string, found {found}')
+    if not isinstance(parameters, dict):
+        found = "nothing" if "parameters" not in message else _json_type(parameters)
+        raise DataError(
+            path, line, f'{where}."parameters": a "tool" message needs the call\'s arguments as an object, found {found}'
+        )
+    observation = message.get("observation")
+    observation = observation if isinstance(observation, str) else json.dumps(observation, ensure_ascii=False)
+    call = _message("assistant", render_tool_call(parameters), message.get("loss"), metadata=name)
+    return [call, _message("observation", observation, False)]
+
+
+def _conversation_row(row: dict, path: Path, line: int, family: str | None) -> dict | None:
     messages = _column(row, CONVERSATIONS_KEY, path, line)
     if not isinstance(messages, list):
         raise DataError(
             path, line, f'"{CONVERSATIONS_KEY}": expected an array of messages, found {_json_type(messages)}'
         )
+    uses_tools = TOOLS_KEY in row or any(isinstance(m, dict) and m.get("role") == TOOL_ROLE for m in messages)
+    if family not in (None, FAMILY_GLM3):
+        what = "tool definitions and calls need" if uses_tools else "--train_format conversations needs"
+        raise DataError(path, line, f"{what} a ChatGLM3 tokenizer (role tokens); this tokenizer is {family}")
     normalised = []
+    if TOOLS_KEY in row:
+        tools = row[TOOLS_KEY]
+        if not isinstance(tools, list):
+            raise DataError(path, line, f'"{TOOLS_KEY}": expected an array of tool definitions, found {_json_type(tools)}')
+        normalised.append(_message("system", tools_system_content(tools), None))
     for index, message in enumerate(messages):
         where = f'"{CONVERSATIONS_KEY}"[{index}]'
         if not isinstance(message, dict):
@@ -259,16 +301,22 @@ def _conversation_row(row: dict, path: Path, line: int) -> dict | None:
                 line,
                 f'{where}."role": expected one of {", ".join(ROLES)}, found {json.dumps(role, ensure_ascii=False)}',
             )
-        if not isinstance(content, str):
-            raise DataError(path, line, f'{where}."content": expected a string, found {_json_type(content)}')
         if loss is not None and not isinstance(loss, bool):
             raise DataError(path, line, f'{where}."loss": expected true or false, found {_json_type(loss)}')
-        normalised.append({"role": role, "content": content, "loss": loss})
+        if role == TOOL_ROLE:
+            normalised += _tool_messages(message, where, path, line)
+            continue
+        if not isinstance(content, str):
+            raise DataError(path, line, f'{where}."content": expected a string, found {_json_type(content)}')
+        normalised.append(_message(role, content, loss))
     return {CONVERSATIONS_KEY: normalised} if _has_answer(normalised) else None
 
 
-def validate_records(records: Sequence[tuple[int, Any]], args: DataArgs, path: str | Path) -> LoadedRows:
-    """Checks every row of one file against the layout that ``args`` selects.
+def validate_records(
+    records: Sequence[tuple[int, Any]], args: DataArgs, path: str | Path, family: str | None = None
+) -> LoadedRows:
+    """Checks every row of one file against the layout that ``args`` selects (and, when ``family``
+    is given, that conversations rows are for a ChatGLM3 tokenizer).
 
     Raises DataError on the first bad row, or when no usable row is left.
     """
@@ -280,7 +328,10 @@ def validate_records(records: Sequence[tuple[int, Any]], args: DataArgs, path: s
     for line, row in records:
         if not isinstance(row, dict):
             raise DataError(path, line, f"expected a JSON object per row, found {_json_type(row)}")
-        kept = _conversation_row(row, path, line) if conversations else _prompt_response_row(row, args, path, line)
+        if conversations:
+            kept = _conversation_row(row, path, line, family)
+        else:
+            kept = _prompt_response_row(row, args, path, line)
         if kept is None:
             skipped.append(line)
         else:
@@ -294,9 +345,9 @@ def validate_records(records: Sequence[tuple[int, Any]], args: DataArgs, path: s
     return LoadedRows(str(path), rows, skipped)
 
 
-def load_rows(path: str | Path, args: DataArgs) -> LoadedRows:
+def load_rows(path: str | Path, args: DataArgs, family: str | None = None) -> LoadedRows:
     """Reads and validates one data file (see ``read_json_records`` and ``validate_records``)."""
-    return validate_records(read_json_records(path), args, path)
+    return validate_records(read_json_records(path), args, path, family)
 
 
 # ------------------------------------------------------------------------------ tokenization
@@ -431,14 +482,13 @@ def _with_prefix(messages: list[dict[str, Any]], prefix: str) -> list[dict[str, 
 
 
 def _carries_loss(message: dict[str, Any]) -> bool:
-    """Assistant messages carry loss unless ``"loss": false``; observations only with ``"loss": true``."""
-    if message["role"] == "assistant":
-        return message.get("loss") is not False
-    return message["role"] == "observation" and message.get("loss") is True
+    """As the original's `format_conversation`: system and user messages never carry loss, every other
+    message (assistant, observation, a tool call) does unless ``"loss": false``."""
+    return message["role"] not in ("system", "user") and message.get("loss") is not False
 
 
 def _message_ids(tokenizer: Any, message: dict[str, Any]) -> list[int]:
-    return tokenizer.build_single_message(message["role"], "", message["content"])
+    return tokenizer.build_single_message(message["role"], message.get("metadata") or "", message["content"])
 
 
 def _conversation_train(tokenizer: Any, messages: list[dict[str, Any]], args: DataArgs) -> tuple[list[int], list[int]]:
@@ -503,9 +553,11 @@ def _conversation_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], max
 
 
 def _split_last_answer(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """(the messages before the last non-empty answer, that answer)."""
+    """(the messages before the last non-empty answer, that answer). A function-call answer is
+    `name\n` + the fenced call, the text the model generates after `<|assistant|>` for it."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m["content"])
-    return messages[:last], messages[last]["content"]
+    metadata = messages[last].get("metadata") or ""
+    return messages[:last], (metadata + "\n" if metadata else "") + messages[last]["content"]
 
 
 def preprocess_eval(

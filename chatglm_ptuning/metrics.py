@@ -10,6 +10,10 @@ Per (prediction, label) pair, on the decoded strings:
 
 The result is the plain mean of each list, ``float(np.mean(...))``.
 
+ChatGLM3 tool steps (a label that is a function call, ``name`` + newline + the fenced
+``tool_call(...)``): beside ROUGE/BLEU over all pairs, ``tool-steps``, ``tool-name-acc`` and
+``tool-call-acc`` (see ``tool_call_scores``).
+
 One deliberate difference: rouge_chinese raises ``ValueError("Hypothesis is empty.")`` (or
 "Reference is empty.") when either text has no non-whitespace character, which crashes the
 reference run. Here such a pair scores 0 for the three ROUGE values. BLEU already returns 0
@@ -42,6 +46,8 @@ import jieba
 import numpy as np
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
+
+from .tools import parse_call_text
 
 # jieba logs "Building prefix dict ..." at DEBUG on its first use; keep runs quiet.
 jieba.setLogLevel(logging.WARNING)
@@ -105,7 +111,8 @@ def compute_metrics(predictions: Sequence[str], labels: Sequence[str], workers: 
             either way.
 
     Returns:
-        ``{"rouge-1": float, "rouge-2": float, "rouge-l": float, "bleu-4": float}``.
+        ``{"rouge-1": float, "rouge-2": float, "rouge-l": float, "bleu-4": float}``, plus
+        ``tool_call_scores`` when some labels are ChatGLM3 function calls.
     """
     if len(predictions) != len(labels):
         raise ValueError(f"compute_metrics: got {len(predictions)} predictions but {len(labels)} labels")
@@ -113,7 +120,54 @@ def compute_metrics(predictions: Sequence[str], labels: Sequence[str], workers: 
         raise ValueError("compute_metrics: no predictions to score")
     pairs = [(str(p), str(l)) for p, l in zip(predictions, labels)]
     columns = zip(*_score_all(pairs, workers))
-    return {key: float(np.mean(values)) for key, values in zip(METRIC_KEYS, columns)}
+    scores = {key: float(np.mean(values)) for key, values in zip(METRIC_KEYS, columns)}
+    return {**scores, **tool_call_scores([p for p, _ in pairs], [l for _, l in pairs])}
+
+
+def _json_value(value: Any) -> Any:
+    """`value` as JSON reads it back; ValueError/TypeError for what JSON cannot hold (sets, bytes, NaN)."""
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: numbers by value (2 == 2.0), but true is not 1, and key order is free."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_json, a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def tool_call_scores(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """For the pairs whose label is a ChatGLM3 function call (`name\n```python\ntool_call(...)\n````):
+    `tool-steps` (how many), `tool-name-acc` (share whose prediction calls the same tool) and
+    `tool-call-acc` (same tool and the same arguments, compared as JSON values), both x100 rounded to
+    4 places. Calls are read with `ast`, never evaluated. Empty when no label is a call."""
+    steps = names = calls = 0
+    for prediction, label in zip(predictions, labels):
+        expected = parse_call_text(label)
+        if expected is None:
+            continue
+        steps += 1
+        predicted = parse_call_text(prediction)
+        if predicted is None or predicted[0] != expected[0]:
+            continue
+        names += 1
+        try:
+            calls += _same_json(_json_value(predicted[1]), _json_value(expected[1]))
+        except (TypeError, ValueError):  # arguments JSON cannot hold: not the expected call
+            pass
+    if not steps:
+        return {}
+    return {
+        "tool-steps": float(steps),
+        "tool-name-acc": round(100 * names / steps, 4),
+        "tool-call-acc": round(100 * calls / steps, 4),
+    }
 
 
 def build_trainer_metrics(tokenizer: Any, ignore_pad_token_for_loss: bool = True) -> Callable[[Any], dict[str, float]]:

@@ -21,6 +21,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .chat import ChatFamily, History, Response, chat_family
 from .checkpoint import SETTINGS_FILE, CheckpointError, PromptSettings
+from .tools import TOOL_SYSTEM_PROMPT
 
 # Display names of PromptSettings.method values (others are shown as they are).
 _METHOD_NAMES = {
@@ -110,9 +111,56 @@ def context_length(config: Any) -> int:
     raise ValueError(f"{type(config).__name__} has neither seq_length nor max_sequence_length")
 
 
+def is_tool_call(response: Response) -> bool:
+    """True for a ChatGLM3 reply that is a parsed tool call (`{"name", "parameters"}`)."""
+    return isinstance(response, dict) and "parameters" in response
+
+
 def response_text(response: Response) -> str:
-    """A chat response as display text (a ChatGLM3 tool call is a dict: shown as JSON)."""
-    return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False)
+    """A chat response as display text: a tool call as `Tool call: name {arguments as JSON}`; a
+    ChatGLM3 reply with metadata that is not a call as its name and content; text as it is."""
+    if isinstance(response, str):
+        return response
+    if is_tool_call(response):
+        return f"Tool call: {response['name']} {json.dumps(response['parameters'], ensure_ascii=False, default=repr)}"
+    return f"{response.get('name', '')}\n{response.get('content', '')}"
+
+
+def add_tools_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tools",
+        help="JSON file holding a list of tool definitions (ChatGLM3 only; {name, description, parameters} or "
+        "OpenAI's {type: function, function: {...}}): the model may answer with a tool call, shown as a call, and "
+        "the next input is then the call's result",
+    )
+
+
+def load_tools(path: str | None, chat_model: ChatModel) -> list[dict[str, Any]] | None:
+    """The tool definitions of a `--tools` file (OpenAI's function wrappers unwrapped); ValueError
+    naming the file for anything else, or when the model is not ChatGLM3."""
+    if path is None:
+        return None
+    if "system" not in chat_model.family.roles:
+        raise ValueError(f"--tools: tool calls need a ChatGLM3 model; the loaded model is {chat_model.family.name}")
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--tools {path}: cannot read a JSON file ({error})") from None
+    if not isinstance(tools, list):
+        raise ValueError(f"--tools {path}: expected a JSON array of tool definitions, found {type(tools).__name__}")
+    unwrapped = []
+    for index, tool in enumerate(tools):
+        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+            tool = tool["function"]
+        if not (isinstance(tool, dict) and isinstance(tool.get("name"), str) and tool["name"]):
+            raise ValueError(f"--tools {path}: tool {index} must be an object with a \"name\", found {str(tool)[:60]}")
+        unwrapped.append(tool)
+    return unwrapped
+
+
+def tools_history(tools: list[dict[str, Any]] | None) -> History:
+    """The history a ChatGLM3 chat with `tools` starts from: the tool system message (empty without tools)."""
+    return [{"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": tools}] if tools else []
 
 
 @dataclass
@@ -150,19 +198,21 @@ class ChatModel:
     family: ChatFamily = field(init=False)
     context_length: int = field(init=False)
     info: dict[str, str] = field(default_factory=dict)  # "Base model", "Method", "Checkpoint", ... for display
+    title: str = ""  # what the pages call the model (default: the family's name)
 
     def __post_init__(self) -> None:
         self.family = chat_family(self.tokenizer)
         self.context_length = context_length(self.model.config)
+        self.title = self.title or self.family.name
 
-    def prompt_tokens(self, query: str, history: History) -> int:
-        return int(self.family.build_inputs(self.tokenizer, query, history, "user")["input_ids"].shape[1])
+    def prompt_tokens(self, query: str, history: History, role: str = "user") -> int:
+        return int(self.family.build_inputs(self.tokenizer, query, history, role)["input_ids"].shape[1])
 
     def capped_max_length(self, max_length: int | None) -> int:
         """`max_length` (prompt + reply tokens; None: the family's chat default) within the context."""
         return min(int(max_length if max_length is not None else self.family.max_length), self.context_length)
 
-    def fit(self, query: str, history: History, max_length: int | None = None) -> FittedPrompt:
+    def fit(self, query: str, history: History, max_length: int | None = None, role: str = "user") -> FittedPrompt:
         """Make the prompt for `query` after `history` short enough to leave a quarter of
         `max_length` (capped at the context) for the reply.
 
@@ -172,21 +222,21 @@ class ChatModel:
         max_length = self.capped_max_length(max_length)
         budget = max_length - max(1, max_length // 4)
         history = list(history)
-        full = length = self.prompt_tokens(query, history)
+        full = length = self.prompt_tokens(query, history, role)
         dropped = 0
         while length > budget:
             shorter = _without_oldest_turn(history)
             if len(shorter) == len(history):  # nothing left to drop (ChatGLM3 keeps system messages)
                 break
             history, dropped = shorter, dropped + 1
-            length = self.prompt_tokens(query, history)
+            length = self.prompt_tokens(query, history, role)
         kept_tokens = None
         if length > budget:
             ids = self.tokenizer.encode(query, add_special_tokens=False)
             keep = budget - (length - len(ids))
             while keep > 0:  # the template may tokenize a cut query a little differently: shrink until it fits
                 query = self.tokenizer.decode(ids[:keep]).rstrip("\ufffd")
-                length = self.prompt_tokens(query, history)
+                length = self.prompt_tokens(query, history, role)
                 if length <= budget:
                     break
                 keep -= length - budget
@@ -210,18 +260,20 @@ class ChatModel:
         )
         return FittedPrompt(query, history, length, notice)
 
-    def stream(
+    def replies(
         self,
         query: str,
         history: History,
         *,
+        role: str = "user",
         max_length: int | None = None,
         max_new_tokens: int | None = None,
         top_p: float | None = None,
         temperature: float | None = None,
         watch: GenerationWatch | None = None,
-    ) -> Iterator[tuple[str, History]]:
-        """Yield (reply text so far, history with this turn) as tokens arrive.
+    ) -> Iterator[tuple[Response, History]]:
+        """Yield (response so far, history with this turn) as tokens arrive; a ChatGLM3 tool call is
+        a dict (see `chat.parse_chatglm3_response`). `role` is the query's (ChatGLM3: user or observation).
 
         Temperature 0 means greedy decoding (sampling needs a positive temperature).
         """
@@ -232,7 +284,13 @@ class ChatModel:
             kwargs["max_new_tokens"] = max_new_tokens
         if watch is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
-        for response, new_history in self.model.stream_chat(self.tokenizer, query, history, **kwargs):
+        if role != "user":
+            kwargs["role"] = role
+        yield from self.model.stream_chat(self.tokenizer, query, history, **kwargs)
+
+    def stream(self, query: str, history: History, **kwargs: Any) -> Iterator[tuple[str, History]]:
+        """`replies` as display text (a tool call as JSON)."""
+        for response, new_history in self.replies(query, history, **kwargs):
             yield response_text(response), new_history
 
 
@@ -283,6 +341,17 @@ def describe(
     }
 
 
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
+
+
+def model_title(model_name_or_path: str, family: ChatFamily) -> str:
+    """The loaded model by name: the embedded default as such, otherwise the base folder's name;
+    with the chat template in use (e.g. `chatglm3-6b (ChatGLM3-6B template)`)."""
+    path = Path(model_name_or_path)
+    name = "Embedded tiny model" if path.resolve() == EMBEDDED_MODEL_DIR else (path.name or str(model_name_or_path))
+    return f"{name} ({family.name} template)"
+
+
 def load_chat_model(args: argparse.Namespace) -> ChatModel:
     """Load what `add_model_arguments` flags name; user mistakes raise CheckpointError/ValueError/OSError."""
     from .loading import load_model
@@ -298,6 +367,7 @@ def load_chat_model(args: argparse.Namespace) -> ChatModel:
         chatglm_version=args.chatglm_version,
     )
     chat_model = ChatModel(model, tokenizer)
+    chat_model.title = model_title(args.model_name_or_path, chat_model.family)
     chat_model.info = describe(
         model, chat_model.family, args.model_name_or_path, args.ptuning_checkpoint, args.quantization_bit
     )

@@ -107,7 +107,7 @@ def _cache_file(data_path: str, cache_root: Path, tokenizer, data_args: DataTrai
 
 
 def _prepare(path: str, tokenizer, data_args, training_args, train: bool, limit: int | None):
-    rows = load_rows(path, data_args)
+    rows = load_rows(path, data_args, tokenizer_family(tokenizer))
     if rows.skipped:
         logger.info("%s: skipped %d row(s) with an empty prompt or response", path, rows.skipped)
     dataset = rows.to_dataset()

@@ -3,12 +3,16 @@
 The page follows the reference ptuning/web_demo.py (chat with history, Submit, Clear History,
 sliders for maximum length, top-p and temperature with the same defaults), adds Stop, shows what is
 loaded, and serves every user from one queue with a bounded number of generations at a time; each
-browser session keeps its own history.
+browser session keeps its own history. The page is titled by the loaded model. With `--tools
+tools.json` (ChatGLM3) a tool call is shown as a call (name and arguments) and the next message is
+sent as the call's result (ChatGLM3's observation).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import json
 import logging
 import os
 import re
@@ -18,7 +22,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .serving import ChatModel, GenerationWatch, add_model_arguments, load_or_exit, parse_model_arguments
+from .serving import (
+    ChatModel,
+    GenerationWatch,
+    add_model_arguments,
+    add_tools_argument,
+    exit_on_user_error,
+    is_tool_call,
+    load_or_exit,
+    load_tools,
+    parse_model_arguments,
+    response_text,
+    tools_history,
+)
 
 # gradio reports usage to its servers unless told not to; a local demo should not.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -57,9 +73,21 @@ def literal_markdown(text: str) -> str:
     return "".join(part if i % 2 else _MARKDOWN_PUNCTUATION.sub(r"\\\1", part) for i, part in enumerate(parts))
 
 
-def _new_session() -> dict[str, list]:
-    # "history" is what the model is conditioned on; "messages" is what the page shows (notices included).
-    return {"history": [], "messages": []}
+def _new_session(tools: list[dict] | None = None) -> dict[str, Any]:
+    # "history" is what the model is conditioned on; "messages" is what the page shows (notices included);
+    # "role" is the next message's: "observation" right after a tool call.
+    return {"history": tools_history(tools), "messages": [], "role": "user"}
+
+
+RESULT_LABEL = "Result of the tool call:"
+
+
+def reply_markdown(response: Any) -> str:
+    """A reply for the chatbot: text as it is, a tool call as the tool's name and its arguments."""
+    if is_tool_call(response):
+        arguments = json.dumps(response["parameters"], ensure_ascii=False, indent=2, default=repr)
+        return f"🛠️ Tool call: `{response['name']}`\n```json\n{arguments}\n```"
+    return response_text(response)
 
 
 class ActiveGenerations:
@@ -97,40 +125,52 @@ def make_respond(chat_model: ChatModel, active: ActiveGenerations):
     (chatbot messages, session, textbox)."""
 
     def respond(
-        message: str, max_length: float, top_p: float, temperature: float, session: dict[str, list], request: gr.Request
+        message: str, max_length: float, top_p: float, temperature: float, session: dict[str, Any], request: gr.Request
     ) -> Iterator[tuple[Any, Any, Any]]:
         if not message or not message.strip():
             yield gr.skip(), gr.skip(), gr.skip()
             return
-        history = session["history"]
-        messages = [*session["messages"], {"role": "user", "content": literal_markdown(message)}]
+        history, role = session["history"], session.get("role", "user")
+        shown = literal_markdown(message)
+        if role == "observation":
+            shown = f"{RESULT_LABEL}\n\n{shown}"
+        messages = [*session["messages"], {"role": "user", "content": shown}]
+
+        def state(new_history: list, next_role: str = role) -> dict[str, Any]:
+            return {"history": new_history, "messages": messages, "role": next_role}
 
         def notice(text: str) -> None:
             messages.append({"role": "assistant", "content": f"⚠️ {text}"})
 
         limit = chat_model.capped_max_length(max_length)
         try:
-            fitted = chat_model.fit(message, history, limit)
+            fitted = chat_model.fit(message, history, limit, role)
         except ValueError as error:
             notice(f"{error}: raise Maximum length.")
-            yield messages, {"history": history, "messages": messages}, ""
+            yield messages, state(history), ""
             return
         if fitted.notice:
             notice(fitted.notice)
         messages.append({"role": "assistant", "content": ""})
-        yield messages, {"history": history, "messages": messages}, ""
+        yield messages, state(history), ""
 
         watch = active.start(request.session_hash or "")
         try:
-            for text, new_history in chat_model.stream(
-                fitted.query, fitted.history, max_length=limit, top_p=top_p, temperature=temperature, watch=watch
+            for response, new_history in chat_model.replies(
+                fitted.query,
+                fitted.history,
+                role=role,
+                max_length=limit,
+                top_p=top_p,
+                temperature=temperature,
+                watch=watch,
             ):
-                messages[-1] = {"role": "assistant", "content": text}
-                yield messages, {"history": new_history, "messages": messages}, gr.skip()
+                messages[-1] = {"role": "assistant", "content": reply_markdown(response)}
+                yield messages, state(new_history, "observation" if is_tool_call(response) else "user"), gr.skip()
         except Exception as error:  # shown in the chat; the server keeps serving
             logger.exception("generation failed")
             messages[-1] = {"role": "assistant", "content": f"⚠️ Generation failed: {type(error).__name__}: {error}"}
-            yield messages, {"history": history, "messages": messages}, gr.skip()
+            yield messages, state(history), gr.skip()
         finally:
             active.finish(request.session_hash or "", watch)
 
@@ -141,13 +181,17 @@ def _info_markdown(chat_model: ChatModel) -> str:
     return "\n".join(f"- **{key}**: `{value}`" for key, value in chat_model.info.items())
 
 
-def build_demo(chat_model: ChatModel) -> gr.Blocks:
-    """The page for `chat_model`; its chat event is exposed to gradio clients as `/chat`."""
+def build_demo(chat_model: ChatModel, tools: list[dict] | None = None) -> gr.Blocks:
+    """The page for `chat_model` (with `tools`: ChatGLM3 tool calls); its chat event is exposed to
+    gradio clients as `/chat`."""
     defaults = SLIDER_DEFAULTS[chat_model.family.name]
-    with gr.Blocks(title=f"{chat_model.family.name} P-tuning demo") as demo:
-        gr.HTML(f'<h1 style="text-align: center">{chat_model.family.name}</h1>')
+    with gr.Blocks(title=f"{chat_model.title} P-tuning demo") as demo:
+        gr.HTML(f'<h1 style="text-align: center">{html.escape(chat_model.title)}</h1>', elem_id="title")
         with gr.Accordion("Loaded model", open=True):
             gr.Markdown(_info_markdown(chat_model), elem_id="model-info")
+            if tools:
+                names = ", ".join(f"`{tool['name']}`" for tool in tools)
+                gr.Markdown(f"**Tools**: {names}. After a tool call, send its result.", elem_id="tools")
         chatbot = gr.Chatbot(
             height=480, show_label=False, feedback_options=None, buttons=["copy", "copy_all"], elem_id="chatbot"
         )
@@ -173,7 +217,7 @@ def build_demo(chat_model: ChatModel) -> gr.Blocks:
                 )
                 top_p = gr.Slider(0, 1, value=defaults.top_p, step=0.01, label="Top P")
                 temperature = gr.Slider(0, 1, value=defaults.temperature, step=0.01, label="Temperature (0: greedy)")
-        session = gr.State(_new_session())
+        session = gr.State(_new_session(tools))
 
         active = ActiveGenerations()
         respond = make_respond(chat_model, active)
@@ -187,9 +231,9 @@ def build_demo(chat_model: ChatModel) -> gr.Blocks:
         def stop_generation(request: gr.Request) -> None:
             active.stop(request.session_hash or "")
 
-        def clear_history(request: gr.Request) -> tuple[list, dict[str, list], str]:
+        def clear_history(request: gr.Request) -> tuple[list, dict[str, Any], str]:
             active.stop(request.session_hash or "")
-            return [], _new_session(), ""
+            return [], _new_session(tools), ""
 
         stop.click(stop_generation, None, None, cancels=chat_events, queue=False, api_name="stop")
         clear.click(clear_history, None, outputs, cancels=chat_events, queue=False, api_name="clear")
@@ -209,6 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=int, default=1, help="generations running at once; the rest wait in the queue"
     )
     server.add_argument("--max_queue", type=int, default=64, help="requests waiting at most; later ones are refused")
+    add_tools_argument(parser)
     return parse_model_arguments(parser, argv)
 
 
@@ -219,9 +264,14 @@ def main(argv: list[str] | None = None) -> None:
         print("error: --concurrency and --max_queue must be at least 1", file=sys.stderr)
         sys.exit(2)
     chat_model = load_or_exit(args)
+    try:
+        tools = load_tools(args.tools, chat_model)
+    except ValueError as error:
+        exit_on_user_error(error)
+        raise  # unreachable: exit_on_user_error exits
     for key, value in chat_model.info.items():
         print(f"{key}: {value}")
-    demo = build_demo(chat_model)
+    demo = build_demo(chat_model, tools)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, show_error=False)
 

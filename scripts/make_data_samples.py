@@ -2,7 +2,8 @@
 
 All text here was written for this project. The ADGEN-style files are assembled from
 attribute vocabularies and phrase templates; the chat files come from hand-written
-multi-turn threads, each thread giving one row per turn (earlier turns become history).
+multi-turn threads, each thread giving one row per turn (earlier turns become history); the
+tool-use files from three invented tools and question/answer templates.
 
     python scripts/make_data_samples.py [--out data_samples]
 """
@@ -631,6 +632,130 @@ def make_conversations() -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------- ChatGLM3 tool use
+# Three invented tools, in the shape ChatGLM3's tool prompts use (name, description, JSON-schema parameters).
+TOOL_DEFINITIONS = [
+    {
+        "name": "get_weather",
+        "description": "查询某个城市某一天的天气预报",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "城市名称，如：北京"},
+                "date": {"type": "string", "description": "日期：今天、明天或后天"},
+            },
+            "required": ["city"],
+        },
+    },
+    {
+        "name": "search_trains",
+        "description": "查询两座城市之间某天的火车班次",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "from_city": {"type": "string", "description": "出发城市"},
+                "to_city": {"type": "string", "description": "到达城市"},
+                "date": {"type": "string", "description": "出发日期，如：明天"},
+            },
+            "required": ["from_city", "to_city"],
+        },
+    },
+    {
+        "name": "convert_currency",
+        "description": "按当天汇率换算货币金额",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "amount": {"type": "number", "description": "金额"},
+                "from_currency": {"type": "string", "description": "原币种代码，如：CNY"},
+                "to_currency": {"type": "string", "description": "目标币种代码，如：USD"},
+            },
+            "required": ["amount", "from_currency", "to_currency"],
+        },
+    },
+]
+TOOL_CITIES = ["北京", "上海", "广州", "深圳", "杭州", "成都", "西安", "南京", "武汉", "重庆", "长沙", "厦门", "青岛", "昆明"]
+TOOL_DEV_CITIES = ["苏州", "天津", "大连", "哈尔滨"]  # only in the dev file
+DAYS = ["今天", "明天", "后天"]
+WEATHERS = ["晴", "多云", "小雨", "阴", "雷阵雨"]
+CURRENCIES = {"USD": ("美元", 0.14), "EUR": ("欧元", 0.13), "JPY": ("日元", 20.6), "GBP": ("英镑", 0.11)}
+SMALL_TALK = [
+    ("你好，你能帮我做什么？", "你好！我可以帮你查询天气、查火车班次，还能按汇率换算货币。"),
+    ("谢谢你的帮助。", "不客气，有需要随时找我。"),
+    ("给我讲个笑话吧。", "好的：为什么数学书总是很忧郁？因为它有太多的问题。"),
+    ("一年有几个季节？", "一年有四个季节：春、夏、秋、冬。"),
+]
+
+
+def _weather_step(rng: random.Random, cities: list[str]) -> tuple[str, dict, str]:
+    city, day = rng.choice(cities), rng.choice(DAYS)
+    weather, low = rng.choice(WEATHERS), rng.randint(-5, 22)
+    observation = {"city": city, "date": day, "weather": weather, "low": low, "high": low + rng.randint(4, 10)}
+    question = rng.choice(["{c}{d}天气怎么样？", "帮我查一下{c}{d}的天气。", "{d}去{c}需要带伞吗？"]).format(c=city, d=day)
+    answer = f"{city}{day}{weather}，气温{low}到{observation['high']}度。" + (
+        "记得带伞。" if "雨" in weather else "不用带伞。"
+    )
+    step = {"role": "tool", "name": "get_weather", "parameters": {"city": city, "date": day}, "observation": observation}
+    return question, step, answer
+
+
+def _train_step(rng: random.Random, cities: list[str]) -> tuple[str, dict, str]:
+    start, end = rng.sample(cities, 2)
+    day = rng.choice(DAYS)
+    hour = rng.randint(6, 20)
+    trains = [{"train": f"G{rng.randint(100, 999)}", "depart": f"{hour:02d}:{rng.choice(['05', '20', '45'])}"}]
+    trains.append({"train": f"D{rng.randint(100, 999)}", "depart": f"{hour + 2:02d}:10"})
+    question = rng.choice(["{d}从{a}到{b}有哪些火车？", "帮我查{d}{a}去{b}的高铁。"]).format(a=start, b=end, d=day)
+    parameters = {"from_city": start, "to_city": end, "date": day}
+    answer = f"{day}从{start}到{end}有两趟车：{trains[0]['train']}次{trains[0]['depart']}出发，{trains[1]['train']}次{trains[1]['depart']}出发。"
+    return question, {"role": "tool", "name": "search_trains", "parameters": parameters, "observation": trains}, answer
+
+
+def _currency_step(rng: random.Random, cities: list[str]) -> tuple[str, dict, str]:
+    code = rng.choice(sorted(CURRENCIES))
+    name, rate = CURRENCIES[code]
+    amount = rng.choice([100, 250, 500, 1000, 3000])
+    result = round(amount * rate, 2)
+    question = f"{amount}元人民币能换多少{name}？"
+    parameters = {"amount": amount, "from_currency": "CNY", "to_currency": code}
+    observation = f"{amount} CNY = {result} {code}"
+    return question, {"role": "tool", "name": "convert_currency", "parameters": parameters, "observation": observation}, (
+        f"按今天的汇率，{amount}元人民币约合{result}{name}。"
+    )
+
+
+TOOL_STEPS = [_weather_step, _train_step, _currency_step]
+TOOLS_TRAIN_ROWS = 36
+TOOLS_DEV_ROWS = 8
+
+
+def make_tools(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """ChatGLM3 tool-use rows in the fine-tuning demo's layout: `tools` plus conversations whose `tool`
+    messages hold a call and its observation. Train rows: one or two calls (a short thought before
+    some), a few without any call; dev rows use other cities and end with the call, so evaluation
+    scores the call (tool name and arguments)."""
+    train = []
+    for index in range(TOOLS_TRAIN_ROWS):
+        messages = []
+        calls = 1 if index % 3 else 2
+        if index % 9 == 8:  # no tool needed
+            question, answer = SMALL_TALK[index // 9 % len(SMALL_TALK)]
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            calls = 0
+        for _ in range(calls):
+            question, step, answer = rng.choice(TOOL_STEPS)(rng, TOOL_CITIES)
+            messages.append({"role": "user", "content": question})
+            if rng.random() < 0.3:
+                messages.append({"role": "assistant", "content": "好的，我来查询一下。"})
+            messages += [step, {"role": "assistant", "content": answer}]
+        train.append({"tools": TOOL_DEFINITIONS, "conversations": messages})
+    dev = []
+    for index in range(TOOLS_DEV_ROWS):
+        question, step, _ = TOOL_STEPS[index % len(TOOL_STEPS)](rng, TOOL_DEV_CITIES)
+        dev.append({"tools": TOOL_DEFINITIONS, "conversations": [{"role": "user", "content": question}, step]})
+    return train, dev
+
+
 def _write_lines(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -651,7 +776,12 @@ def main() -> None:
     (out / "conversations_train.json").write_text(
         json.dumps(make_conversations(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
     )
+    tools_train, tools_dev = make_tools(rng)
+    _write_lines(out / "tools_train.json", tools_train)
+    _write_lines(out / "tools_dev.json", tools_dev)
     for name, rows in [
+        ("tools_train", tools_train),
+        ("tools_dev", tools_dev),
         ("adgen_train", adgen_train),
         ("adgen_dev", adgen_dev),
         ("chat_train", chat_train),

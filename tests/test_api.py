@@ -3,18 +3,25 @@ raw HTTP for every kind of bad request; the app in-process for API keys and fail
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 from servers import free_port, python_module, running_server, write_prefix_checkpoint
 
 httpx = pytest.importorskip("httpx", reason="pip install gradio (brings httpx, fastapi, uvicorn)")
 openai = pytest.importorskip("openai", reason="pip install openai (requirements-test.txt)")
+import uvicorn
 from fastapi.testclient import TestClient
+from scripted_replies import ScriptedReplies, reply_ids
 
-from chatglm_ptuning.api import Message, ServerLimits, conversation, create_app
+from chatglm_ptuning.api import Message, ServerLimits, Turn, conversation, create_app
 from chatglm_ptuning.loading import load_model
 from chatglm_ptuning.serving import ChatModel
+from chatglm_ptuning.tools import TOOL_SYSTEM_PROMPT, render_tool_call
 
 MODEL_ID = "tiny-chatglm2-pt"
 MAX_TOKENS = 64  # the server's --max_tokens
@@ -61,11 +68,14 @@ def greedy(reference, query, history=(), max_new_tokens=24):
     return response
 
 
-def test_models(client, checkpoint):
+def test_models(client, checkpoint, tiny_glm2_dir):
     models = client.models.list().data
     assert [model.id for model in models] == [MODEL_ID]
     card = client.models.retrieve(MODEL_ID)
-    assert card.owned_by == "chatglm-ptuning" and card.model_extra["info"]["Checkpoint"] == str(checkpoint)
+    info = card.model_extra["info"]
+    assert card.owned_by == "chatglm-ptuning" and info["Checkpoint"] == checkpoint.name == "checkpoint-7"
+    assert info["Base model"] == tiny_glm2_dir.name and info["Family"] == "ChatGLM2-6B"
+    assert not any("/" in value for value in info.values()), info  # folder names, no local paths
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
 
@@ -145,6 +155,15 @@ BAD_REQUESTS = {
     "several choices": ({"messages": [message()], "n": 2}, 400, "n", "less than or equal to 1"),
     "prompt over the context": ({"messages": [message(content="很长的输入。" * 200)]}, 400, "messages", "maximum context length"),
     "body too large": ({"messages": [message(content="x" * (MAX_BODY + 1))]}, 413, None, "over the limit"),
+    # OpenAI refuses what pydantic's lax mode would coerce
+    "temperature as a string": ({"messages": [message()], "temperature": "0.5"}, 400, "temperature", "valid number"),
+    "max_tokens as a boolean": ({"messages": [message()], "max_tokens": True}, 400, "max_tokens", "valid integer"),
+    "stream as a string": ({"messages": [message()], "stream": "yes"}, 400, "stream", "valid boolean"),
+    "include_usage as a number": ({"messages": [message()], "stream_options": {"include_usage": 1}}, 400, "stream_options.include_usage", "valid boolean"),
+    "lone surrogate": (b'{"messages": [{"role": "user", "content": "ab\\ud800c"}]}', 400, "messages.0.content", "lone surrogate"),
+    "lone surrogate in an ignored field": (b'{"messages": [{"role": "user", "content": "x"}], "user": "\\udfff"}', 400, "user", "lone surrogate"),
+    "deep nesting": (b'{"messages": [{"role": "user", "content": "x"}], "metadata": ' + b"[" * 200 + b"]" * 200 + b"}", 400, None, "deeper than"),
+    "nesting past the parser": (b'{"x": ' + b"[" * (MAX_BODY - 10) + b"}", 400, None, "deeper than"),
 }  # fmt: skip
 
 
@@ -166,11 +185,15 @@ def test_chatglm3_keeps_system_messages_in_its_history():
     messages = [
         Message(role=r, content=c) for r, c in [("system", "s"), ("user", "q1"), ("assistant", "a1"), ("user", "q2")]
     ]
-    assert conversation(messages, message_history=True) == (
+    assert conversation(messages, message_history=True) == Turn(
         "q2",
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+        [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "metadata": "", "content": "a1"},
+        ],
     )
-    assert conversation(messages, message_history=False) == ("s\nq2", [("q1", "a1")])
+    assert conversation(messages, message_history=False) == Turn("s\nq2", [("q1", "a1")])
 
 
 def test_openai_client_sees_bad_requests_as_errors(client):
@@ -221,3 +244,182 @@ def test_failed_generation_is_reported_and_the_server_keeps_serving(app_for, mon
         events = [line.removeprefix("data: ") for line in streamed.text.split("\n\n") if line]
         assert "out of memory" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
     assert app.post("/v1/chat/completions", json=request).status_code == 200
+
+
+# ---- a client that goes away ------------------------------------------------------------------
+
+STEP_DELAY_S = 0.05  # per forward pass of the slowed model
+
+
+@contextlib.contextmanager
+def serving_in_thread(app) -> Iterator[str]:
+    """`app` served by uvicorn on a free 127.0.0.1 port from a thread of this process; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture()
+def slow_model(reference):
+    """The tiny model slowed to STEP_DELAY_S per token and never ending a reply by itself (stop tokens
+    masked), so only max_tokens or a cancel ends generation; `steps` records when each pass ran."""
+    model, tokenizer = reference
+    chat_model = ChatModel(model, tokenizer)
+    stops = chat_model.family.stop_token_ids(tokenizer)
+    steps: list[float] = []
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(STEP_DELAY_S)
+        steps.append(time.monotonic())
+        output = forward(*args, **kwargs)
+        output.logits[..., stops] = float("-inf")
+        return output
+
+    model.forward = slow_forward
+    try:
+        yield chat_model, steps
+    finally:
+        del model.forward
+
+
+def test_client_that_disconnects_stops_generation_and_the_next_request_is_served(slow_model):
+    chat_model, steps = slow_model
+    app = create_app(chat_model, MODEL_ID, ServerLimits(max_tokens=200, max_body_bytes=MAX_BODY, concurrency=1))
+    request = {"model": MODEL_ID, "messages": [message()], "temperature": 0}
+    with serving_in_thread(app) as base:
+        with pytest.raises(httpx.ReadTimeout):  # 200 tokens take >= 10 s; the client gives up after 1 s
+            httpx.post(f"{base}/chat/completions", json={**request, "max_tokens": 200}, timeout=1.0)
+        gone = time.monotonic()
+        started = time.monotonic()
+        reply = httpx.post(f"{base}/chat/completions", json={**request, "max_tokens": 4}, timeout=30)
+        waited = time.monotonic() - started
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    assert waited < 3.0, f"the next request waited {waited:.1f} s behind the abandoned one"
+    abandoned = [t for t in steps if t <= started]
+    assert len(abandoned) < 60, "the abandoned request kept generating"
+    assert abandoned[-1] - gone < 1.0, f"generation went on {abandoned[-1] - gone:.1f} s after the client left"
+
+
+# ---- function calling (ChatGLM3) --------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "查询城市天气",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL_ARGUMENTS = {"city": "北京", "days": 2}
+
+
+@pytest.fixture(scope="module")
+def glm3_chat(tiny_glm3_dir):
+    """The tiny random ChatGLM3 model with scripted replies (it cannot call a tool by itself: the
+    output tokens are forced, see scripted_replies); `prompts` records each prompt's input ids."""
+    chat_model = ChatModel(*load_model(tiny_glm3_dir))
+    scripted = ScriptedReplies(chat_model.model)
+    return chat_model, scripted.script, scripted.prompts
+
+
+@pytest.fixture(scope="module")
+def glm3_server(glm3_chat):
+    chat_model = glm3_chat[0]
+    with serving_in_thread(create_app(chat_model, "tiny-chatglm3", ServerLimits(64, MAX_BODY, 1))) as base:
+        yield base, openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
+
+
+def tools_system(tokenizer):
+    return {"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": [WEATHER_TOOL["function"]]}
+
+
+def test_tools_in_and_tool_call_out(glm3_chat, glm3_server):
+    chat_model, script, prompts = glm3_chat
+    tokenizer, (_, client) = chat_model.tokenizer, glm3_server
+    script(reply_ids(tokenizer, "get_weather", render_tool_call(CALL_ARGUMENTS), "<|observation|>"))
+    messages = [{"role": "user", "content": "北京天气？"}]
+    reply = client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], max_tokens=60)
+    # The prompt: ChatGLM3's tool system message (the function definitions), then the question.
+    assert prompts[-1] == tokenizer.build_chat_input("北京天气？", history=[tools_system(tokenizer)])["input_ids"][0].tolist()
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == CALL_ARGUMENTS
+
+    chunks = list(client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    pieces = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert pieces[0].id.startswith("call_") and pieces[0].function.name == "get_weather" and pieces[0].index == 0
+    assert json.loads("".join(p.function.arguments or "" for p in pieces)) == CALL_ARGUMENTS
+    assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The call and its result go back as ChatGLM3's function-call and observation turns.
+    script(reply_ids(tokenizer, "", "北京晴。", "<|user|>"))
+    followup = messages + [  # the reply message sent back as it came, as clients do
+        reply.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"weather": "晴"}'},
+    ]
+    answer = client.chat.completions.create(model="m", messages=followup, tools=[WEATHER_TOOL], max_tokens=60)
+    history = [
+        tools_system(tokenizer),
+        {"role": "user", "content": "北京天气？"},
+        {"role": "assistant", "metadata": "get_weather", "content": render_tool_call(CALL_ARGUMENTS)},
+    ]
+    expected = tokenizer.build_chat_input('{"weather": "晴"}', history=history, role="observation")
+    assert prompts[-1] == expected["input_ids"][0].tolist()
+    assert answer.choices[0].message.content == "北京晴。" and answer.choices[0].finish_reason == "stop"
+    assert not answer.choices[0].message.tool_calls
+
+
+def test_a_call_json_cannot_hold_is_returned_as_text(glm3_chat, glm3_server):
+    chat_model, script, _ = glm3_chat
+    script(reply_ids(chat_model.tokenizer, "get_weather", "```python\ntool_call(city={1, 2})\n```", "<|observation|>"))
+    reply = glm3_server[1].chat.completions.create(model="m", messages=[message()], tools=[WEATHER_TOOL], max_tokens=60)
+    assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
+    assert reply.choices[0].message.content == "Tool call: get_weather {\"city\": \"{1, 2}\"}"
+
+
+def test_tool_choice_none_offers_no_tools_and_others_are_refused(glm3_chat, glm3_server):
+    chat_model, script, prompts = glm3_chat
+    tokenizer, (base, client) = chat_model.tokenizer, glm3_server
+    script(reply_ids(tokenizer, "get_weather", render_tool_call(CALL_ARGUMENTS), "<|observation|>"))
+    messages = [{"role": "user", "content": "北京天气？"}]
+    reply = client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], tool_choice="none")
+    assert prompts[-1] == tokenizer.build_chat_input("北京天气？")["input_ids"][0].tolist()
+    assert reply.choices[0].finish_reason != "tool_calls" and not reply.choices[0].message.tool_calls
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(openai.BadRequestError, match='only "none" and "auto"'):
+            client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], tool_choice=choice)
+
+
+BAD_TOOL_REQUESTS = {
+    "tool type": ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    "arguments not an object": ({"messages": [message(), {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}, {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, "messages.1.tool_calls.0.function.arguments"),
+    "unknown tool_call_id": ({"messages": [message(), {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c2", "content": "x"}]}, "messages.2.tool_call_id"),
+    "missing tool result": ({"messages": [message(), {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    "tool result without a call": ({"messages": [message(), {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, "messages.1.role"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_TOOL_REQUESTS))
+def test_bad_function_calling_requests_get_400(glm3_server, name):
+    body, param = BAD_TOOL_REQUESTS[name]
+    response = httpx.post(f"{glm3_server[0]}/chat/completions", json={"messages": [message()], **body}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_other_families_refuse_tools(client):
+    with pytest.raises(openai.BadRequestError, match="function calling needs a ChatGLM3 model; .* ChatGLM2-6B"):
+        client.chat.completions.create(model=MODEL_ID, messages=[message()], tools=[WEATHER_TOOL])

@@ -124,3 +124,43 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat_model, monkeypatch):
     text = run_loop(chat_model, ["你好", "clear"], out=InterruptAfter(writes=3), max_length=256)
     assert "[stopped]" in text and "History cleared." in text, text
     assert lengths and lengths[0] < 200, f"generation went on after Ctrl-C: {lengths}"
+
+
+def test_tool_call_is_printed_as_a_call_and_the_next_input_is_its_result(tiny_glm3_dir, tmp_path):
+    """The tiny model's replies are scripted (forced tokens, see scripted_replies)."""
+    from scripted_replies import ScriptedReplies, reply_ids
+
+    from chatglm_ptuning.tools import TOOL_SYSTEM_PROMPT, render_tool_call
+
+    chat_model = ChatModel(*load_model(tiny_glm3_dir))
+    scripted = ScriptedReplies(chat_model.model)
+    tools = [{"name": "get_weather", "description": "天气", "parameters": {"type": "object"}}]
+    tokenizer = chat_model.tokenizer
+    call = reply_ids(tokenizer, "get_weather", render_tool_call({"city": "北京", "days": 2}), "<|observation|>")
+    scripted.script(call)
+    prompts: list[str] = []
+    out = io.StringIO()
+
+    def read(prompt: str) -> str:
+        prompts.append(prompt)
+        if len(prompts) == 2:
+            scripted.script(reply_ids(tokenizer, "", "北京晴。", "<|user|>"))
+        return ["北京天气？", '{"weather": "晴"}', "exit"][len(prompts) - 1]
+
+    chat_loop(chat_model, read=read, out=out, max_length=200, temperature=0, tools=tools)
+    printed = out.getvalue()
+    assert 'Tool call: get_weather {"city": "北京", "days": 2}' in printed and "Tools: get_weather" in printed
+    assert prompts[1].strip() == "Result of the tool call:" and printed.rstrip().endswith("北京晴。")
+    system = {"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": tools}
+    assert scripted.prompts[0] == tokenizer.build_chat_input("北京天气？", history=[system])["input_ids"][0].tolist()
+    assert scripted.roles == ["user", "observation"]
+
+
+def test_tools_flag_needs_chatglm3(tiny_glm2_dir, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"name": "f"}]')
+    command = python_module("chatglm_ptuning.cli_demo", "--model_name_or_path", str(tiny_glm2_dir), "--tools", str(tools))
+    result = subprocess.run(command, input="", cwd=REPO_ROOT, env=server_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --tools: tool calls need a ChatGLM3 model; the loaded model is ChatGLM2-6B"
+    ]

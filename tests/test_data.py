@@ -302,10 +302,11 @@ def test_glm3_observation_loss_and_source_prefix(glm3):
     first = glm3.build_single_message("user", "", "你好你好")
     assert features["input_ids"][0][: 2 + len(first)] == GLM2_PREFIX + first
     start = 2 + len(first)  # the observation message [<|observation|>, ▁, \n, 你, 好] starts here
-    assert features["labels"][0][start : start + 6] == [X] * 6  # not learned by default
-    row["conversations"][1]["loss"] = True
-    learned = preprocess_train(glm3, batch(row), args)["labels"][0]
-    assert learned[start : start + 6] == [X] + NEWLINE + GLM2_NIHAO + [GLM3_ASSISTANT]
+    # Learned by default, as the original's format_conversation learns every message but system/user.
+    assert features["labels"][0][start : start + 6] == [X] + NEWLINE + GLM2_NIHAO + [GLM3_ASSISTANT]
+    row["conversations"][1]["loss"] = False
+    unlearned = preprocess_train(glm3, batch(row), args)["labels"][0]
+    assert unlearned[start : start + 6] == [X] * 6
 
 
 def test_glm1_source_prefix_comes_before_the_template(glm1):
@@ -439,9 +440,9 @@ CHAT = {"history_column": "history"}
             ':1: "conversations": expected an array of messages, found object',
         ),
         (
-            '{"conversations": [{"role": "tool", "content": "x"}]}',
+            '{"conversations": [{"role": "robot", "content": "x"}]}',
             {"train_format": "conversations"},
-            ':1: "conversations"\\[0\\]."role": expected one of system, user, assistant, observation, found "tool"',
+            ':1: "conversations"\\[0\\]."role": expected one of system, user, assistant, observation, tool, found "robot"',
         ),
         (
             '{"conversations": [{"role": "user", "content": 5}]}',
@@ -459,9 +460,9 @@ CHAT = {"history_column": "history"}
             '"conversations"\\[0\\]: expected an object with role and content, found string',
         ),
         (
-            '{"tools": [], "conversations": []}',
+            '{"tools": "get_weather", "conversations": []}',
             {"train_format": "conversations"},
-            '"tools": tool definitions are not supported',
+            ':1: "tools": expected an array of tool definitions, found string',
         ),
         ('{"messages": []}', {"train_format": "conversations"}, 'missing column "conversations"'),
     ],
@@ -538,7 +539,8 @@ def test_sample_files_match_their_generator(tmp_path):
         check=True,
         capture_output=True,
     )
-    for name in ("adgen_train.json", "adgen_dev.json", "chat_train.json", "chat_dev.json", "conversations_train.json"):
+    names = ("adgen_train.json", "adgen_dev.json", "chat_train.json", "chat_dev.json", "conversations_train.json")
+    for name in (*names, "tools_train.json", "tools_dev.json"):
         assert (tmp_path / name).read_bytes() == (SAMPLES / name).read_bytes(), name
 
 

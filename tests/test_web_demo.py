@@ -312,3 +312,45 @@ def test_other_families_chat_with_their_own_defaults_and_history(request, family
         assert history[-2] == {"role": "user", "content": "再说一遍"} and history[-1]["role"] == "assistant"
     else:
         assert history[-1][0] == "再说一遍"
+
+
+# ---- title and tool calls ---------------------------------------------------------------------
+
+
+def _title_html(demo) -> str:
+    return next(block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "title")
+
+
+def test_page_is_titled_by_the_loaded_model(tiny_glm3_dir):
+    embedded = load_chat_model(web_demo.parse_args(["--model_name_or_path", str(REPO_ROOT / "chatglm_ptuning" / "embedded")]))
+    demo = web_demo.build_demo(embedded)
+    assert demo.title == "Embedded tiny model (ChatGLM2-6B template) P-tuning demo"
+    assert "Embedded tiny model (ChatGLM2-6B template)" in _title_html(demo)
+    glm3 = load_chat_model(web_demo.parse_args(["--model_name_or_path", str(tiny_glm3_dir)]))
+    assert f"{tiny_glm3_dir.name} (ChatGLM3-6B template)" in _title_html(web_demo.build_demo(glm3))
+
+
+def test_tool_call_is_shown_as_a_call_and_the_next_message_is_its_result(tiny_glm3_dir, tmp_path):
+    """The tiny model's replies are scripted (forced tokens, see scripted_replies)."""
+    from scripted_replies import ScriptedReplies, reply_ids
+
+    from chatglm_ptuning.serving import load_tools
+    from chatglm_ptuning.tools import render_tool_call
+
+    chat_model = ChatModel(*load_model(tiny_glm3_dir))
+    scripted = ScriptedReplies(chat_model.model)
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text('[{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]')
+    tools = load_tools(str(tools_file), chat_model)
+    assert tools == [{"name": "get_weather", "parameters": {}}]
+    web_demo.build_demo(chat_model, tools)
+    respond = web_demo.make_respond(chat_model, web_demo.ActiveGenerations())
+    tokenizer = chat_model.tokenizer
+    scripted.script(reply_ids(tokenizer, "get_weather", render_tool_call({"city": "北京"}), "<|observation|>"))
+    *_, (messages, session, _) = respond("北京天气？", 200, 0.8, 0.0, web_demo._new_session(tools), FakeRequest())
+    assert messages[-1]["content"] == 'Tool call: `get_weather`\n```json\n{\n  "city": "北京"\n}\n```'.replace("T", "🛠️ T", 1)
+    assert session["role"] == "observation" and session["history"][0]["tools"] == tools
+    scripted.script(reply_ids(tokenizer, "", "北京晴。", "<|user|>"))
+    *_, (messages, session, _) = respond('{"weather": "晴"}', 200, 0.8, 0.0, session, FakeRequest())
+    assert scripted.roles == ["user", "observation"] and session["role"] == "user"
+    assert messages[-2]["content"].startswith(web_demo.RESULT_LABEL) and messages[-1]["content"] == "北京晴。"
