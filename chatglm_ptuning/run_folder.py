@@ -253,13 +253,15 @@ def _check_files(checkpoint: Path) -> None:
     for path in sorted(checkpoint.iterdir()):
         try:
             if path.suffix == ".json":
-                json.loads(path.read_text(encoding="utf-8"))
+                read_json_file(path)
             elif path.suffix in (".pt", ".pth"):
                 with zipfile.ZipFile(path) as archive:
                     archive.namelist()
             elif path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt") as handle:
                     handle.keys()
+        except CheckpointError as err:  # read_json_file's: "<path>: <what is wrong>"
+            raise damaged_checkpoint_error(checkpoint, path.name, str(err).removeprefix(f"{path}: ")) from None
         except Exception as err:  # noqa: BLE001 - any failure is a damaged file
             raise damaged_checkpoint_error(checkpoint, path.name, f"{type(err).__name__}: {err}") from None
 
