@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 import chatglm_ptuning.train as train_module
 from chatglm_ptuning.checkpoint import CheckpointError, read_checkpoint_settings
 from chatglm_ptuning.data import DataError, read_json_records
-from chatglm_ptuning.run_folder import LOCK_FILE
 from chatglm_ptuning.train import main
 from chatglm_ptuning.trainer import LossPlotCallback, last_complete_checkpoint
 
 ADGEN_TRAIN = str(REPO_ROOT / "data_samples" / "adgen_train.json")
 EMBEDDED = str(REPO_ROOT / "chatglm_ptuning" / "embedded")
+LOCK_FILE = ".run.lock"  # run_folder.LOCK_FILE
 
 
 def _args(model_dir, output_dir, *extra, overwrite=True):
