@@ -291,12 +291,16 @@ class PromptTrainer(Seq2SeqTrainer):
     def check_step_is_finite(self) -> None:
         """Raise TrainingDiverged when this optimizer step's loss or gradient norm is not finite.
 
-        The gradient norm is the Trainer's (computed, before clipping, whatever max_grad_norm is);
-        where it was not computed (None: e.g. DeepSpeed), the trainable gradients' own norm."""
+        The gradient norm is the Trainer's (computed before clipping, whatever max_grad_norm is),
+        else the trainable gradients' own. Not checked where the step itself skips non-finite
+        gradients (fp16 loss scaling: an overflow is expected now and then) or where DeepSpeed
+        computes the norm inside its own step; the finite-weights check before every save still holds."""
         loss = self._tr_loss  # summed since the last log; the run stops at the first non-finite one
         if not torch.isfinite(loss).all():
             raise self._diverged(f"the training loss became {loss.item()}")
         norm, self._step_grad_norm = self._step_grad_norm, None
+        if self.is_deepspeed_enabled or self.accelerator.scaler is not None:
+            return
         if norm is None:
             grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
             if not grads:
