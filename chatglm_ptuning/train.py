@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, MethodError, TrainingDiverged, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a results file that cannot be written (full disk, permissions)
+        print(f"error: {err.filename}: {err.strerror}" if err.filename and err.strerror else f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
