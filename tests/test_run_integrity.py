@@ -362,3 +362,25 @@ def test_a_lone_surrogate_in_a_training_row_is_a_file_line_error(tmp_path, tiny_
     args[args.index(ADGEN_TRAIN)] = str(data)
     assert main(args) == 1
     assert f"{data}:2:" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_train_sh_rerun_then_evaluate_sh_use_the_second_runs_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUTPUT_DIR": str(out), "MAX_STEPS": "4", "SAVE_STEPS": "2", "MAX_SOURCE_LENGTH": "32", "MAX_TARGET_LENGTH": "32"}
+
+    def script(name, *args, **extra):
+        result = subprocess.run(["bash", name, *args], cwd=REPO_ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+
+    first = script("train.sh")
+    assert f"checkpoint written to {out / 'checkpoint-4'}" in first.stdout
+    first_weights = load_file(out / "checkpoint-4" / "model.safetensors")
+    second = script("train.sh", MAX_STEPS="2", LR="5e-3")
+    assert f"checkpoint written to {out / 'checkpoint-2'}" in second.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    second_weights = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+    evaluation = script("evaluate.sh", "--max_predict_samples", "2", EVAL_BATCH_SIZE="2")
+    assert f"evaluating {out / 'checkpoint-2'}" in evaluation.stdout
