@@ -220,16 +220,11 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         raise ValueError("--do_train needs --train_file")
     settings = run_settings(model_args, data_args, training_args, method)
     lock: RunLock | None = None
-    with training_args.main_process_first(desc="claiming the output folder"):
-        if training_args.process_index == 0:  # one lock per run, taken by its main process
-            lock = claim(training_args.output_dir)
-        try:
-            resume = _resume_checkpoint(training_args, settings)
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
     try:
+        with training_args.main_process_first(desc="claiming the output folder"):
+            if training_args.process_index == 0:  # one lock per run, taken by its main process
+                lock = claim(training_args.output_dir)
+            resume = _resume_checkpoint(training_args, settings)
         _run(model_args, data_args, training_args, argv, method, settings, resume)
     finally:
         if lock is not None:
