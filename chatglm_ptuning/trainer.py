@@ -1,5 +1,5 @@
-"""A small Seq2SeqTrainer subclass: prompt-only checkpoints, atomic saves, a NaN guard, and a
-loss-curve plot. Everything else is the transformers Trainer as its users know it.
+"""A small Seq2SeqTrainer subclass: prompt-only checkpoints, atomic and finite saves, a divergence
+guard, and a loss-curve plot. Everything else is the transformers Trainer as its users know it.
 """
 
 from __future__ import annotations
@@ -236,7 +236,10 @@ class PromptTrainer(Seq2SeqTrainer):
     def _save_checkpoint(self, model, trial) -> None:  # noqa: ANN001
         bad = self._nonfinite_weights()
         if bad:
-            raise self._diverged(f"the trainable weight(s) {', '.join(bad[:3])} are not finite")
+            raise self._diverged(
+                f"after step {self.state.global_step} the trainable weight(s) {', '.join(bad[:3])} are not finite; "
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step} was not written."
+            )
         run_dir = self._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, STAGING_DIR)
@@ -297,7 +300,7 @@ class PromptTrainer(Seq2SeqTrainer):
         computes the norm inside its own step; the finite-weights check before every save still holds."""
         loss = self._tr_loss  # summed since the last log; the run stops at the first non-finite one
         if not torch.isfinite(loss).all():
-            raise self._diverged(f"the training loss became {loss.item()}")
+            raise self._diverged(f"the training loss became {loss.item()} at step {self.state.global_step + 1}; {_NOT_APPLIED}")
         norm, self._step_grad_norm = self._step_grad_norm, None
         if self.is_deepspeed_enabled or self.accelerator.scaler is not None:
             return
@@ -308,7 +311,7 @@ class PromptTrainer(Seq2SeqTrainer):
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         norm = float(norm)
         if not math.isfinite(norm):
-            raise self._diverged(f"the gradient norm became {norm}")
+            raise self._diverged(f"the gradient norm became {norm} at step {self.state.global_step + 1}; {_NOT_APPLIED}")
 
     def _diverged(self, what: str) -> TrainingDiverged:
         """The error that stops a diverged run. The checkpoint of the current step holds the very
@@ -328,9 +331,11 @@ class PromptTrainer(Seq2SeqTrainer):
             else "start again with a lower --learning_rate"
         )
         return TrainingDiverged(
-            f"{what} at step {self.state.global_step + 1}; stopped before the update was applied. {set_aside}"
-            f"Last usable checkpoint: {last or 'none yet'}; {resume} (or fp32/bf16 instead of fp16)"
+            f"{what} {set_aside}Last usable checkpoint: {last or 'none yet'}; {resume} (or fp32/bf16 instead of fp16)"
         )
+
+
+_NOT_APPLIED = "stopped before the update was applied."
 
 
 def _is_write_failure(err: BaseException) -> bool:
