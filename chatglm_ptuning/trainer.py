@@ -180,6 +180,12 @@ class PromptTrainer(Seq2SeqTrainer):
         except Exception as err:  # noqa: BLE001
             raise damaged_checkpoint_error(checkpoint, "rng_state.pth", f"{type(err).__name__}: {err}") from None
 
+    def _init_training_state(self, max_steps, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        started = super()._init_training_state(max_steps, *args, **kwargs)
+        # A resumed state carries its run's logging/eval/save steps; the command line's apply.
+        self.state.compute_steps(self.args, max_steps)
+        return started
+
     def _apply_learning_rate(self) -> None:
         """The optimizer and scheduler states of a checkpoint carry the learning rate its run used;
         rescale them to --learning_rate (resuming after a divergence at a lower rate)."""

@@ -203,9 +203,15 @@ def test_divergence_at_a_huge_learning_rate_leaves_only_finite_checkpoints_and_a
     assert named == last_complete_checkpoint(out)
     resume = [*args, "--resume_from_checkpoint", named]
     resume[resume.index("--learning_rate") + 1] = "5e-3"
+    resume[resume.index("--save_steps") + 1] = "4"  # the command line's, not the checkpoint's run's
     assert main(resume) == 0
     assert f"checkpoint written to {out / 'checkpoint-12'}" in capsys.readouterr().out
-    assert _all_finite(out / "checkpoint-12")
+    written = {int(m.group(1)) for p in out.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+    assert {s for s in written if s > int(named.rsplit("-", 1)[1])} == {s for s in (4, 8, 12) if s > int(named.rsplit("-", 1)[1])}
+    for folder in out.glob("checkpoint-*"):
+        assert _all_finite(folder), folder
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["log_history"][-1]["learning_rate"] < 5e-3  # the lower rate was applied (linear decay)
 
 
 # ------------------------------------------------------------------------ filesystem faults
