@@ -153,19 +153,21 @@ def _read_lines(path: Path, text: str) -> list[tuple[int, Any]]:
 
 def _lone_surrogate(value: Any) -> str | None:
     """The first string (key or value) in a parsed JSON value that holds a lone UTF-16 surrogate
-    (JSON allows the escape "\\ud800"; no Unicode text can hold it), else None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _lone_surrogate(key) if isinstance(key, str) else None
-        found = found or _lone_surrogate(item)
-        if found is not None:
-            return found
+    (JSON allows the escape "\\ud800"; no Unicode text can hold it), else None. Iterative: rows
+    may nest deeper than Python's recursion limit allows."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return None
 
 
