@@ -275,8 +275,10 @@ def _run(
     if training_args.do_train:
         with training_args.main_process_first(desc="clearing the output folder"):
             if training_args.process_index == 0:
-                if training_args.overwrite_output_dir and resume is None:
-                    clear_earlier_run(training_args.output_dir)
+                output_dir = Path(training_args.output_dir).resolve()
+                resumes_here = resume is not None and output_dir in Path(resume).resolve().parents
+                if training_args.overwrite_output_dir and not resumes_here:
+                    clear_earlier_run(output_dir)
                 write_run_settings(training_args.output_dir, settings)  # the run record
                 warn_if_low_space(training_args.output_dir, _checkpoint_bytes(trainable, total, method))
 
