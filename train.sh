@@ -12,6 +12,9 @@
 #   MAX_SOURCE_LENGTH (64) MAX_TARGET_LENGTH (128) BATCH_SIZE (1) GRAD_ACCUM (16)
 #   MAX_STEPS (3000) LOGGING_STEPS (10) SAVE_STEPS (1000) OUTPUT_DIR (output/adgen-<model>-pt-<PRE_SEQ_LEN>-<LR>)
 # Arguments given to this script are passed on to `python -m chatglm_ptuning.train` (e.g. --bf16).
+# A rerun into the same OUTPUT_DIR starts over: the earlier run's checkpoints and results are removed
+# first (files this toolkit did not write are left). To continue a run instead:
+#   bash train.sh --resume_from_checkpoint True      # the same settings (LR may be lowered)
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/recipe_env.sh

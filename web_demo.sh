@@ -6,7 +6,8 @@
 #   bash web_demo.sh --model_name_or_path /models/chatglm2-6b   # flags only: no defaults filled in
 #
 # Environment: the same as train.sh, plus
-#   CHECKPOINT      prefix checkpoint folder (default: the last complete checkpoint in OUTPUT_DIR)
+#   CHECKPOINT      prefix checkpoint folder (default: the last complete checkpoint in OUTPUT_DIR, which
+#                   holds only the checkpoints of the last train.sh run there)
 # Arguments are passed on to `python -m chatglm_ptuning.web_demo` (--host, --port, --share, ...;
 # see --help).
 set -euo pipefail
@@ -22,6 +23,7 @@ if [ -z "${CHECKPOINT:-}" ]; then
     exit 1
   fi
 fi
+echo "serving $CHECKPOINT" >&2
 args=(--model_name_or_path "$MODEL_PATH" --ptuning_checkpoint "$CHECKPOINT")
 [ -n "${QUANTIZATION_BIT:-}" ] && args+=(--quantization_bit "$QUANTIZATION_BIT")
 exec python -m chatglm_ptuning.web_demo "${args[@]}" "$@"

@@ -39,6 +39,18 @@ class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be used; the message names the file."""
 
 
+def read_json_file(path: Path) -> object:
+    """A JSON file's value; a file that is not UTF-8 JSON text raises a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not JSON text (a binary or corrupt file: byte {err.start} is not UTF-8)") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror})") from None
+
+
 def require_folder(path: str | os.PathLike, what: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
@@ -53,10 +65,10 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
         index_path = folder / index_name
         if not index_path.exists():
             continue
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_path}: not a valid shard index (expected JSON with a 'weight_map'): {err}") from None
+        index = read_json_file(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: not a valid shard index (expected JSON with a 'weight_map' object)")
         shards = list(dict.fromkeys(weight_map.values()))
         missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
@@ -134,10 +146,7 @@ class PromptSettings:
 
     @classmethod
     def load(cls, path: Path) -> "PromptSettings":
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+        raw = read_json_file(path)
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
@@ -174,12 +183,9 @@ def _settings_from_official(folder: Path, state: dict[str, torch.Tensor]) -> Pro
         raise CheckpointError(f"{folder}: no '{PREFIX_KEY_PREFIX}embedding.weight' tensor: not a P-tuning checkpoint")
     projection = PREFIX_KEY_PREFIX + "trans.0.weight" in state
     config_path = folder / "config.json"
-    config = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{config_path}: invalid JSON ({err})") from None
+    config = read_json_file(config_path) if config_path.is_file() else {}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
     architecture = detect_architecture(config) if config else _architecture_from_prefix(state)
     return PromptSettings(
         architecture=architecture,
@@ -211,10 +217,9 @@ def read_checkpoint_settings(path: str | os.PathLike) -> PromptSettings:
     if (folder / SETTINGS_FILE).is_file():
         return PromptSettings.load(folder / SETTINGS_FILE)
     if (folder / LORA_CONFIG_FILE).is_file():
-        try:
-            adapter = json.loads((folder / LORA_CONFIG_FILE).read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{folder / LORA_CONFIG_FILE}: invalid JSON ({err})") from None
+        adapter = read_json_file(folder / LORA_CONFIG_FILE)
+        if not isinstance(adapter, dict):
+            raise CheckpointError(f"{folder / LORA_CONFIG_FILE}: expected a JSON object, found {type(adapter).__name__}")
         return PromptSettings(None, method="lora", base_model=adapter.get("base_model_name_or_path"))
     return read_prefix_checkpoint(folder)[1]
 

@@ -163,8 +163,43 @@ def _read_lines(path: Path, text: str) -> list[tuple[int, Any]]:
     return records
 
 
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in a parsed JSON value that holds a lone UTF-16 surrogate
+    (JSON allows the escape "\\ud800"; no Unicode text can hold it), else None. Iterative: rows
+    may nest deeper than Python's recursion limit allows."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
+def _check_text(path: Path, records: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    for line, value in records:
+        bad = _lone_surrogate(value)
+        if bad is not None:
+            position = next(i for i, ch in enumerate(bad) if 0xD800 <= ord(ch) <= 0xDFFF)
+            raise DataError(
+                path,
+                line,
+                f"the string {json.dumps(bad[:40])} holds a lone surrogate \\u{ord(bad[position]):04x} at character "
+                f"{position + 1}: not valid Unicode text",
+            )
+    return records
+
+
 def read_json_records(path: str | Path) -> list[tuple[int, Any]]:
-    """Parses a .json (array or one value per line) or .jsonl file into (line, value) pairs."""
+    """Parses a .json (array or one value per line) or .jsonl file into (line, value) pairs;
+    every string must be valid Unicode (no lone surrogates)."""
     path = Path(path)
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(path, None, f"expected a .json or .jsonl file, found {path.suffix or 'no extension'}")
@@ -175,8 +210,8 @@ def read_json_records(path: str | Path) -> list[tuple[int, Any]]:
     except OSError as error:
         raise DataError(path, None, f"cannot read the file ({error.strerror})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return _read_array(path, text)
-    return _read_lines(path, text)
+        return _check_text(path, _read_array(path, text))
+    return _check_text(path, _read_lines(path, text))
 
 
 # --------------------------------------------------------------------------------- validation

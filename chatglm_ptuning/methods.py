@@ -148,15 +148,22 @@ def load_method_state(model: nn.Module, folder: str | os.PathLike, settings: Pro
     """Put a soft-prompt or LoRA checkpoint's trainable weights back into a model set up for the
     same method (resuming a run). Full fine-tuning resumes through the Trainer's own loader."""
     folder = Path(folder)
-    if settings.method == "lora":
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+    try:
+        if settings.method == "lora":
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
-        result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-        unexpected = getattr(result, "unexpected_keys", None)
-    elif settings.method in SOFT_PROMPT_METHODS:
-        unexpected = model.load_state_dict(read_prefix_checkpoint(folder)[0], strict=False).unexpected_keys
-    else:
-        raise ValueError(f"{folder}: a {settings.method} checkpoint is not restored by load_method_state")
+            result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+            unexpected = getattr(result, "unexpected_keys", None)
+        elif settings.method in SOFT_PROMPT_METHODS:
+            unexpected = model.load_state_dict(read_prefix_checkpoint(folder)[0], strict=False).unexpected_keys
+        else:
+            raise ValueError(f"{folder}: a {settings.method} checkpoint is not restored by load_method_state")
+    except RuntimeError as err:  # load_state_dict's "size mismatch for ...": other method settings
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
+        raise CheckpointError(
+            f"{folder}: its weights do not fit the model set up from the command line ({mismatch}); "
+            f"use the checkpoint's settings ({folder / 'ptuning_config.json'})"
+        ) from None
     if unexpected:
         raise CheckpointError(f"{folder}: tensors not in the model: {sorted(unexpected)[:5]}")

@@ -26,6 +26,17 @@ from .loading import load_model
 from .lora import LoraOptions
 from .methods import MethodError, count_parameters, resolve_method, settings_from_config
 from .metrics import build_trainer_metrics
+from .prompt_learning import SOFT_PROMPT_METHODS
+from .run_folder import (
+    RunFolderError,
+    RunLock,
+    check_resume,
+    claim,
+    clear_earlier_run,
+    file_sha256,
+    warn_if_low_space,
+    write_run_settings,
+)
 from .trainer import (
     FinalCheckpointCallback,
     LossPlotCallback,
@@ -100,7 +111,7 @@ def _model_dtype(training_args: TrainingArguments, prompt_only: bool) -> torch.d
 
 def _cache_file(data_path: str, cache_root: Path, tokenizer, data_args: DataTrainingArguments, train: bool) -> str:
     """A cache file name that changes whenever the data, the tokenizer or the settings do."""
-    digest = hashlib.sha256(Path(data_path).read_bytes())
+    digest = hashlib.sha256(file_sha256(data_path).encode())
     digest.update(json.dumps(vars(data_args), sort_keys=True, default=str).encode())
     digest.update(f"{type(tokenizer).__name__}:{len(tokenizer)}:{train}".encode())
     return str(cache_root / f"{Path(data_path).stem}-{digest.hexdigest()[:16]}.arrow")
@@ -132,6 +143,72 @@ def _prepare(path: str, tokenizer, data_args, training_args, train: bool, limit:
     return processed if train else processed.select_columns(["input_ids", "labels"])
 
 
+_DATA_SETTINGS = (
+    "prompt_column", "response_column", "history_column", "train_format", "all_turns", "source_prefix",
+    "max_source_length", "max_target_length", "max_train_samples", "ignore_pad_token_for_loss",
+)  # fmt: skip
+
+
+def run_settings(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments, method: str) -> dict:
+    """The settings that make a training run what it is, as the command line gives them; every
+    checkpoint records them (run_settings.json) and a resume must repeat them (but the learning rate)."""
+    train_file = Path(data_args.train_file)
+    try:
+        sha256 = file_sha256(train_file)
+    except OSError as err:
+        raise DataError(train_file, None, f"cannot read the file ({err.strerror})") from None
+    settings = {
+        "train_file": str(train_file.resolve()),
+        "train_data_sha256": sha256,
+        **{name: getattr(data_args, name) for name in _DATA_SETTINGS},
+        "model": str(Path(model_args.model_name_or_path).resolve()),
+        "method": method,
+        "quantization_bit": model_args.quantization_bit or 0,
+    }
+    if method in SOFT_PROMPT_METHODS:
+        settings.update(
+            pre_seq_len=model_args.pre_seq_len,
+            prefix_projection=_prefix_projection_flag(model_args, method),
+            encoder_type=model_args.encoder_type,
+            encoder_hidden_size=model_args.encoder_hidden_size,
+        )
+    if method == "lora":
+        settings.update({name: getattr(model_args, name) for name in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")})
+    settings.update(
+        learning_rate=training_args.learning_rate,
+        per_device_train_batch_size=training_args.per_device_train_batch_size,
+        gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+        world_size=training_args.world_size,
+        seed=training_args.seed,
+    )
+    return json.loads(json.dumps(settings))  # as a checkpoint's file reads back
+
+
+def _resume_checkpoint(training_args: TrainingArguments, settings: dict) -> str | None:
+    """The checkpoint to resume from (checked against `settings`), or None to start afresh; refuses
+    a folder holding checkpoints unless --overwrite_output_dir or --resume_from_checkpoint says which."""
+    resume = training_args.resume_from_checkpoint
+    existing = last_complete_checkpoint(training_args.output_dir)
+    if resume in ("True", "true", "latest"):
+        if existing is None:
+            raise CheckpointError(f"--resume_from_checkpoint: no complete checkpoint in {training_args.output_dir}")
+        resume = existing
+    elif existing and resume is None and not training_args.overwrite_output_dir:
+        raise CheckpointError(
+            f"{training_args.output_dir} already holds {existing}; pass --resume_from_checkpoint True to continue "
+            "or --overwrite_output_dir to start over (this removes the earlier run's checkpoints)"
+        )
+    if resume is not None:
+        check_resume(resume, settings)
+    return resume
+
+
+def _checkpoint_bytes(trainable: int, total: int, method: str) -> int:
+    """About what one checkpoint takes: fp32 trainable weights and two Adam moments (plus the whole
+    model for full fine-tuning), and a few MB of tokenizer and config files."""
+    return trainable * 12 + (total * 4 if method == "full" else 0) + 5_000_000
+
+
 def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments, argv: list[str]) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -144,6 +221,34 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
             "full fine-tuning trains every weight, so it needs a dense backbone: drop --quantization_bit "
             "(or pick a parameter-efficient --method)"
         )
+    if not training_args.do_train:
+        return _run(model_args, data_args, training_args, argv, method, None, None)
+    if not data_args.train_file:
+        raise ValueError("--do_train needs --train_file")
+    settings = run_settings(model_args, data_args, training_args, method)
+    lock: RunLock | None = None
+    try:
+        with training_args.main_process_first(desc="claiming the output folder"):
+            if training_args.process_index == 0:  # one lock per run, taken by its main process
+                lock = claim(training_args.output_dir)
+            resume = _resume_checkpoint(training_args, settings)
+        _run(model_args, data_args, training_args, argv, method, settings, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    training_args: TrainingArguments,
+    argv: list[str],
+    method: str,
+    settings: dict | None,
+    resume: str | None,
+) -> None:
+    """Load, (clear the folder of an earlier run,) train, evaluate and predict; `settings` and
+    `resume` are those of a training run (None without --do_train)."""
     model, tokenizer = load_model(
         model_args.model_name_or_path,
         ptuning_checkpoint=model_args.ptuning_checkpoint,
@@ -159,11 +264,11 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         lora_options=_lora_options(model_args) if method == "lora" else None,
     )
     config = model.config
-    settings = None  # full fine-tuning: the Trainer saves the whole model (official key names)
+    prompt_settings = None  # full fine-tuning: the Trainer saves the whole model (official key names)
     if method != "full":
-        settings = settings_from_config(config, method)
-        settings.base_model = str(Path(model_args.model_name_or_path).resolve())
-        settings.family = tokenizer_family(tokenizer)
+        prompt_settings = settings_from_config(config, method)
+        prompt_settings.base_model = str(Path(model_args.model_name_or_path).resolve())
+        prompt_settings.family = tokenizer_family(tokenizer)
     if config.pre_seq_len:
         if not _gradient_checkpointing_given(argv):
             # The reference trains P-tuning with it on. Set the new name: after __post_init__ the
@@ -174,23 +279,18 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
 
-    resume = training_args.resume_from_checkpoint
     if training_args.do_train:
-        existing = last_complete_checkpoint(training_args.output_dir)
-        if resume in ("True", "true", "latest"):
-            if existing is None:
-                raise CheckpointError(f"--resume_from_checkpoint: no complete checkpoint in {training_args.output_dir}")
-            resume = existing
-        elif existing and resume is None and not training_args.overwrite_output_dir:
-            raise CheckpointError(
-                f"{training_args.output_dir} already holds {existing}; pass --resume_from_checkpoint True to continue "
-                "or --overwrite_output_dir to start over"
-            )
+        with training_args.main_process_first(desc="clearing the output folder"):
+            if training_args.process_index == 0:
+                output_dir = Path(training_args.output_dir).resolve()
+                resumes_here = resume is not None and output_dir in Path(resume).resolve().parents
+                if training_args.overwrite_output_dir and not resumes_here:
+                    clear_earlier_run(output_dir)
+                write_run_settings(training_args.output_dir, settings)  # the run record
+                warn_if_low_space(training_args.output_dir, _checkpoint_bytes(trainable, total, method))
 
     train_dataset = eval_dataset = predict_dataset = None
     if training_args.do_train:
-        if not data_args.train_file:
-            raise ValueError("--do_train needs --train_file")
         train_dataset = _prepare(data_args.train_file, tokenizer, data_args, training_args, True, data_args.max_train_samples)
     if training_args.do_eval or training_args.eval_strategy != "no":
         if not data_args.validation_file:
@@ -231,7 +331,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         compute_metrics=build_trainer_metrics(tokenizer, data_args.ignore_pad_token_for_loss)
         if training_args.predict_with_generate
         else None,
-        prompt_settings=settings,
+        prompt_settings=prompt_settings,
+        run_settings=settings,
         callbacks=[FinalCheckpointCallback(), LossPlotCallback(), StepKeyedDropoutCallback()],
     )
 
@@ -245,9 +346,10 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         if trainer.is_world_process_zero():  # once, not once per rank
-            final = last_complete_checkpoint(training_args.output_dir)
-            logger.info("final checkpoint: %s", final)
-            print(f"checkpoint written to {final}")
+            if trainer.last_checkpoint is not None:
+                print(f"checkpoint written to {trainer.last_checkpoint}")
+            else:
+                print(f"nothing to train: {resume} already reached step {trainer.state.global_step}; no checkpoint written")
     model.eval()
     if eval_dataset is not None and training_args.do_eval:
         metrics = trainer.evaluate(metric_key_prefix="eval")
@@ -290,8 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(model_args, data_args, training_args, argv)
-    except (DataError, CheckpointError, MethodError, TrainingDiverged) as err:
+    except (DataError, CheckpointError, MethodError, TrainingDiverged, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a results file that cannot be written (full disk, permissions)
+        print(f"error: {err.filename}: {err.strerror}" if err.filename and err.strerror else f"error: {err}", file=sys.stderr)
         return 1
     return 0
 

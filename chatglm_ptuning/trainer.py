@@ -1,9 +1,10 @@
-"""A small Seq2SeqTrainer subclass: prompt-only checkpoints, atomic saves, a NaN guard, and a
-loss-curve plot. Everything else is the transformers Trainer as its users know it.
+"""A small Seq2SeqTrainer subclass: prompt-only checkpoints, atomic and finite saves, a divergence
+guard, and a loss-curve plot. Everything else is the transformers Trainer as its users know it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -20,13 +21,21 @@ from .head_loss import IGNORE_INDEX, shifted_labels
 from .collator import PROMPT_LENGTH_KEY
 from .methods import load_method_state
 from .prompt_learning import PrefixDropout
+from .run_folder import (
+    DIVERGED_SUFFIX,
+    STAGING_DIR,
+    RunFolderError,
+    checkpoint_step,
+    complete_checkpoints,
+    damaged_checkpoint_error,
+    write_run_settings,
+)
 
-_STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
-TRAINER_STATE_FILE = "trainer_state.json"  # written last by the Trainer: marks a complete checkpoint
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, the gradient norm or a trainable weight became NaN or infinite."""
 
 
 class PromptTrainer(Seq2SeqTrainer):
@@ -34,8 +43,11 @@ class PromptTrainer(Seq2SeqTrainer):
     weights with those settings (soft prompts: model.safetensors; LoRA: PEFT's adapter files).
 
     Checkpoints are written into `<output_dir>/.staging/` and renamed into place once complete,
-    so a killed run never leaves a `checkpoint-N` that looks whole. Under DeepSpeed only the
-    trainable parameters are gathered and saved (never the frozen backbone).
+    so a killed run never leaves a `checkpoint-N` that looks whole; each also holds the run's
+    `run_settings` (run_settings.json). A checkpoint is written only when every trainable weight is
+    finite, and a step whose loss or gradient norm is not finite stops the run before the optimizer
+    applies it (`DivergenceGuard`). Under DeepSpeed only the trainable parameters are gathered and
+    saved (never the frozen backbone).
     """
 
     def __init__(
@@ -44,14 +56,22 @@ class PromptTrainer(Seq2SeqTrainer):
         prompt_settings: PromptSettings | None = None,
         eval_collator=None,  # noqa: ANN001 - batches eval/predict rows (prompts + labels) when given
         generation_kwargs: dict | None = None,
+        run_settings: dict | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.prompt_settings = prompt_settings
         self.eval_collator = eval_collator
         self.generation_kwargs = generation_kwargs or {}  # also used by evaluations during training
+        self.run_settings = run_settings
+        self.last_checkpoint: str | None = None  # the checkpoint this run wrote last
         self._staging_run_dir: str | None = None
         self._eval_loss_totals = torch.zeros(2, dtype=torch.float64)  # summed loss, label tokens
+        self._step_grad_norm: torch.Tensor | float | None = None
+        # The divergence guard reads the loss summed since the last log: the Trainer must not
+        # replace a non-finite loss by the running mean first (the run stops at the first one anyway).
+        self.args.logging_nan_inf_filter = False
+        self.add_callback(DivergenceGuard(self))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):  # noqa: ANN001
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
@@ -141,8 +161,48 @@ class PromptTrainer(Seq2SeqTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:  # noqa: ANN001
         if self.prompt_settings is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_method_state(model if model is not None else self.model, resume_from_checkpoint, self.prompt_settings)
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            load_method_state(model if model is not None else self.model, resume_from_checkpoint, self.prompt_settings)
+        bad = self._nonfinite_weights()
+        if bad:
+            raise damaged_checkpoint_error(resume_from_checkpoint, "", f"non-finite weights: {', '.join(bad[:3])}")
+
+    # --- resuming: damaged files named, the command line's learning rate applied -----------------
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as err:  # noqa: BLE001 - a file run_folder.check_resume could not tell was damaged
+            raise damaged_checkpoint_error(checkpoint, "optimizer.pt / scheduler.pt", f"{type(err).__name__}: {err}") from None
+        if checkpoint is not None:
+            self._apply_learning_rate()
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as err:  # noqa: BLE001
+            raise damaged_checkpoint_error(checkpoint, "rng_state.pth", f"{type(err).__name__}: {err}") from None
+
+    def _init_training_state(self, max_steps, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        started = super()._init_training_state(max_steps, *args, **kwargs)
+        # A resumed state carries its run's logging/eval/save steps; the command line's apply.
+        self.state.compute_steps(self.args, max_steps)
+        return started
+
+    def _apply_learning_rate(self) -> None:
+        """The optimizer and scheduler states of a checkpoint carry the learning rate its run used;
+        rescale them to --learning_rate (resuming after a divergence at a lower rate)."""
+        base_lrs = getattr(self.lr_scheduler, "base_lrs", None)
+        if not base_lrs or not base_lrs[0] or math.isclose(base_lrs[0], self.args.learning_rate):
+            return
+        ratio = self.args.learning_rate / base_lrs[0]
+        self.lr_scheduler.base_lrs = [lr * ratio for lr in base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        logger.warning("resumed with learning rate %g (the checkpoint's run used %g)", self.args.learning_rate, base_lrs[0])
 
     # --- generation in evaluate/predict ----------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):  # noqa: ANN001
@@ -203,25 +263,45 @@ class PromptTrainer(Seq2SeqTrainer):
             output.metrics[f"{metric_key_prefix}_loss"] = (totals[0] / totals[1]).item()
         return output
 
-    # --- atomic checkpoints --------------------------------------------------------------------
+    # --- atomic, finite checkpoints -------------------------------------------------------------
     def _get_output_dir(self, trial) -> str:  # noqa: ANN001
         return self._staging_run_dir or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:  # noqa: ANN001
+        bad = self._nonfinite_weights()
+        if bad:
+            raise self._diverged(
+                f"after step {self.state.global_step} the trainable weight(s) {', '.join(bad[:3])} are not finite; "
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step} was not written."
+            )
         run_dir = self._get_output_dir(trial)
-        self._staging_run_dir = os.path.join(run_dir, _STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_DIR)
+        self._staging_run_dir = staging
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.run_settings is not None:
+                write_run_settings(os.path.join(staging, name), self.run_settings)
+        except Exception as err:
+            if not _is_write_failure(err):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            free = shutil.disk_usage(run_dir).free / 1e6
+            raise RunFolderError(
+                f"writing {name} into {run_dir} failed ({_reason(err)}; {free:.0f} MB free); nothing was removed: "
+                f"the last complete checkpoint is {last_complete_checkpoint(run_dir) or 'none yet'}. Free some space, "
+                "then continue with --resume_from_checkpoint True"
+            ) from None
         finally:
             self._staging_run_dir = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
-            os.replace(os.path.join(run_dir, _STAGING_DIR, name), final)
-            shutil.rmtree(os.path.join(run_dir, _STAGING_DIR), ignore_errors=True)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            self.last_checkpoint = final
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -229,30 +309,97 @@ class PromptTrainer(Seq2SeqTrainer):
             )
         self.accelerator.wait_for_everyone()
 
-    # --- NaN guard ----------------------------------------------------------------------------
-    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not math.isfinite(loss.item()):
+    # --- divergence guard ------------------------------------------------------------------------
+    def _nonfinite_weights(self) -> list[str]:
+        """Names of the trainable weights holding NaN or infinity."""
+        if self.is_deepspeed_enabled:
+            state = self._trainable_state()  # ZeRO-3 partitions them: gathered
+            return [n for n, t in state.items() if not torch.isfinite(t).all()]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            return []
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
+        return [n for (n, _), ok in zip(named, finite) if not ok]
+
+    def _get_grad_norm(self, model, grad_norm=None):  # noqa: ANN001
+        self._step_grad_norm = super()._get_grad_norm(model, grad_norm)
+        return self._step_grad_norm
+
+    def check_step_is_finite(self) -> None:
+        """Raise TrainingDiverged when this optimizer step's loss or gradient norm is not finite.
+
+        The gradient norm is the Trainer's (computed before clipping, whatever max_grad_norm is),
+        else the trainable gradients' own. Not checked where the step itself skips non-finite
+        gradients (fp16 loss scaling: an overflow is expected now and then) or where DeepSpeed
+        computes the norm inside its own step; the finite-weights check before every save still holds."""
+        loss = self._tr_loss  # summed since the last log; the run stops at the first non-finite one
+        if not torch.isfinite(loss).all():
+            raise self._diverged(f"the training loss became {loss.item()} at step {self.state.global_step + 1}; {_NOT_APPLIED}")
+        norm, self._step_grad_norm = self._step_grad_norm, None
+        if self.is_deepspeed_enabled or self.accelerator.scaler is not None:
+            return
+        if norm is None:
+            grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+            if not grads:
+                return
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        norm = float(norm)
+        if not math.isfinite(norm):
+            raise self._diverged(f"the gradient norm became {norm} at step {self.state.global_step + 1}; {_NOT_APPLIED}")
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error that stops a diverged run. The checkpoint of the current step holds the very
+        weights that just gave a non-finite step, so it is set aside (renamed `...-diverged`):
+        the message names the last checkpoint a resume can continue from."""
+        last = last_complete_checkpoint(self.args.output_dir)
+        set_aside = ""
+        if last is not None and checkpoint_step(Path(last)) == self.state.global_step and self.args.should_save:
+            target = last + DIVERGED_SUFFIX
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(last, target)
+            set_aside = f"{Path(last).name} holds the weights this step started from and was set aside as {target}. "
             last = last_complete_checkpoint(self.args.output_dir)
-            raise TrainingDiverged(
-                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; stopping. "
-                f"Last good checkpoint: {last or 'none yet'}. Try a lower --learning_rate or fp32/bf16 instead of fp16."
-            )
-        return loss
+        resume = (
+            f"continue from it with --resume_from_checkpoint {last} and a lower --learning_rate"
+            if last
+            else "start again with a lower --learning_rate"
+        )
+        return TrainingDiverged(
+            f"{what} {set_aside}Last usable checkpoint: {last or 'none yet'}; {resume} (or fp32/bf16 instead of fp16)"
+        )
+
+
+_NOT_APPLIED = "stopped before the update was applied."
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """A failed write: an OSError, or torch's/safetensors' wrapping of one (a full disk surfaces as
+    torch's `PytorchStreamWriter failed writing file` RuntimeError)."""
+    text = str(err)
+    return isinstance(err, OSError) or any(s in text for s in ("file write failed", "No space left", "IoError"))
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err).splitlines()[0][:200]
+
+
+class DivergenceGuard(TrainerCallback):
+    """Before every optimizer step: stop when the step's loss or gradient norm is not finite."""
+
+    def __init__(self, trainer: PromptTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.trainer.check_step_is_finite()
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The highest `checkpoint-N` in `output_dir` that was completely written, or None."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    steps = []
-    for child in folder.iterdir():
-        name = child.name
-        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
-            if (child / TRAINER_STATE_FILE).is_file():
-                steps.append((int(name.split("-")[-1]), str(child)))
-    return max(steps)[1] if steps else None
+    """The highest `checkpoint-N` in `output_dir` that was completely written, or None. A run owns
+    its output folder (earlier runs' checkpoints are removed or refused), so this is the run's own."""
+    found = complete_checkpoints(output_dir)
+    return str(found[-1]) if found else None
 
 
 class StepKeyedDropoutCallback(TrainerCallback):

@@ -153,17 +153,17 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
     import chatglm_ptuning.train as train_module
     from chatglm_ptuning.trainer import LossPlotCallback
 
-    class PoisonAfterStep2(LossPlotCallback):
+    class PoisonAfterStep3(LossPlotCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-            if state.global_step == 2:  # step 3 starts after checkpoint-2 was saved
+            if state.global_step == 3:  # step 4 starts after checkpoint-2 was saved
                 model.transformer.prefix_encoder.embedding.weight.data.fill_(float("nan"))
 
-    monkeypatch.setattr(train_module, "LossPlotCallback", PoisonAfterStep2)
+    monkeypatch.setattr(train_module, "LossPlotCallback", PoisonAfterStep3)
     out = tmp_path / "out"
     code = main(_train_args(tiny_glm2_dir, out, "--max_train_samples", "8", "--max_steps", "5", "--save_steps", "2"))
     err = capsys.readouterr().err
     assert code == 1
-    assert "loss became nan at step 3" in err and f"Last good checkpoint: {out / 'checkpoint-2'}" in err
+    assert "loss became nan at step 4" in err and f"Last usable checkpoint: {out / 'checkpoint-2'}" in err
     state = load_file(out / "checkpoint-2" / "model.safetensors")
     assert torch.isfinite(state["transformer.prefix_encoder.embedding.weight"]).all()
-    assert not (out / "checkpoint-3").exists()
+    assert not (out / "checkpoint-4").exists()
