@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from official_layout import REPO_ROOT, random_prefix_state, tiny_config, write_tiny_checkpoint
+from official_layout import REPO_ROOT, random_official_state, random_prefix_state, tiny_config, write_tiny_checkpoint
 
 import chatglm_ptuning  # noqa: F401 - registers the Auto classes
-from chatglm_ptuning import load_model
+from chatglm_ptuning import checkpoint, load_model, loading
+from chatglm_ptuning.official_format import write_official_folder
 from chatglm_ptuning.checkpoint import CheckpointError, PromptSettings, read_prefix_checkpoint, save_prefix_checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -284,3 +286,73 @@ def test_the_chosen_rule_is_saved_and_explicit_config_wins(tmp_path, shared_toke
     _check_rule(forced, 16, "base")
     with pytest.raises(ValueError, match="rope_scaling_mode must be one of"):
         load_model(folder, device="cpu", rope_scaling_mode="yarn")
+
+
+# --------------------------------------------------------------------------------------
+# Streaming: tensor by tensor, a shard is never wholly resident
+# --------------------------------------------------------------------------------------
+
+_MAPPING_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
+
+
+def _mapped_resident_bytes(path) -> int:
+    """Bytes of `path` resident in this process's memory maps (/proc/self/smaps Rss)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if _MAPPING_HEADER.match(line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="measures Linux memory maps")
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_loading_streams_tensor_by_tensor(tmp_path, monkeypatch, fmt, bits):
+    """One 9 MB shard whose largest tensor is 2 MB: while each tensor is copied (or quantized) into the
+    model, at most that tensor (plus a few neighbouring pages) of the shard is resident."""
+    config = tiny_config(
+        "chatglm2", hidden_size=512, ffn_hidden_size=1024, kv_channels=64, num_attention_heads=8, padded_vocab_size=256
+    )
+    state = random_official_state(config)
+    folder = write_official_folder(config, state, tmp_path / "model", fmt=fmt, num_shards=1)
+    shard = next(folder.glob(f"*.{'bin' if fmt == 'bin' else 'safetensors'}"))
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    shard_bytes = shard.stat().st_size
+    assert shard_bytes > 4 * largest
+    original = loading.iter_weight_tensors
+    resident: list[int] = []
+
+    def watched(where):
+        for item in original(where):
+            yield item
+            resident.append(_mapped_resident_bytes(shard))  # the consumer is done with this tensor; not yet released
+
+    monkeypatch.setattr(loading, "iter_weight_tensors", watched)
+    model = loading.load_model_weights(folder, quantization_bit=bits, device="cpu", dtype=torch.float32)
+    assert len(resident) == len(state)
+    assert max(resident) <= largest + 512 * 1024, (max(resident), largest, shard_bytes)  # + header, fault-around
+    monkeypatch.setattr(loading, "iter_weight_tensors", original)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)  # the fp16 weights, as stored
+    if bits:
+        reference.quantize(bits)  # quantize-while-loading quantizes the stored fp16 tensors
+    ids = torch.tensor([[1, 5, 9, 200, 17]])
+    assert torch.equal(_logits(model, ids), _logits(reference.float(), ids))
+
+
+def test_legacy_non_zip_bin_loads_whole_and_says_so(tmp_path, monkeypatch):
+    config = tiny_config("chatglm2")
+    state = random_official_state(config)
+    zipped = write_official_folder(config, state, tmp_path / "zip", fmt="bin", num_shards=1)
+    legacy = write_official_folder(config, state, tmp_path / "legacy", fmt="bin", num_shards=1)
+    torch.save(state, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    said = []
+    monkeypatch.setattr(checkpoint.logger, "warning", lambda message, *args: said.append(message % args))
+    old = loading.load_model_weights(legacy, device="cpu", dtype=torch.float32)
+    assert len(said) == 1 and "legacy (non-zip) torch.save format" in said[0] and "legacy" in said[0]
+    new = loading.load_model_weights(zipped, device="cpu", dtype=torch.float32)
+    assert len(said) == 1
+    for key, tensor in new.state_dict().items():
+        assert torch.equal(old.state_dict()[key], tensor), key
