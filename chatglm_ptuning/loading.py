@@ -27,6 +27,7 @@ from .checkpoint import (
     CheckpointError,
     PromptSettings,
     iter_weight_tensors,
+    release_file_pages,
     read_checkpoint_settings,
     read_prefix_checkpoint,
     require_folder,
@@ -85,8 +86,15 @@ def _ignored_unexpected(model: ChatGLMLMBase, key: str) -> bool:
     return any(re.search(pattern, key) for pattern in patterns)
 
 
+_CHUNK_BYTES = 64 * 1024**2  # rows of a stored tensor copied (or quantized) at once
+
+
 def _stream_weights(model: ChatGLMLMBase, folder: Path, quantization_bit: int) -> set[str]:
-    """Copy every tensor of `folder` into `model`, one at a time; returns the model keys filled."""
+    """Copy every tensor of `folder` into `model`, one at a time; returns the model keys filled.
+
+    Large tensors go in row chunks of about _CHUNK_BYTES whose file pages are released as soon
+    as they are copied (or quantized: every quantization formula is per row), so at most one
+    chunk of the checkpoint is resident beside the model."""
     from .quantization import quantize_linear_state
 
     expected = model.state_dict()  # views of the model's own tensors: copying into them loads
@@ -104,19 +112,33 @@ def _stream_weights(model: ChatGLMLMBase, folder: Path, quantization_bit: int) -
                     f"{path}: tensor {key!r} does not belong to a {architecture!r} model of this configuration"
                 )
             target = expected[key]
-            entries = {key: tensor}
-            if quantization_bit and tensor.is_floating_point() and target.dtype == torch.int8:
-                # A dense weight arriving for a quantized holder: quantize it now, on the model's device.
-                entries = quantize_linear_state(architecture, key, tensor.to(target.device), quantization_bit)
-            for name, value in entries.items():
-                if tuple(value.shape) != tuple(expected[name].shape):
-                    raise CheckpointError(
-                        f"{path}: tensor {name!r} has shape {list(value.shape)} but the model (config.json) expects "
-                        f"{list(expected[name].shape)}"
-                    )
-                expected[name].copy_(value)
-                filled.add(name)
-            del tensor, entries
+            quantized = bool(quantization_bit) and tensor.is_floating_point() and target.dtype == torch.int8
+
+            def entries(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+                if quantized:  # a dense weight arriving for a quantized holder: quantize it on the model's device
+                    return quantize_linear_state(architecture, key, rows.to(target.device), quantization_bit)
+                return {key: rows}
+
+            if tensor.dim() == 0 or tensor.shape[0] != target.shape[0] or target.dim() == 0:
+                chunks = [tensor]  # whole (and a shape mismatch is reported below)
+            else:
+                rows = max(1, _CHUNK_BYTES // max(1, tensor[0].numel() * tensor.element_size()))
+                chunks = [tensor[start : start + rows] for start in range(0, tensor.shape[0], rows)]
+            start = 0
+            for chunk in chunks:
+                for name, value in entries(chunk).items():
+                    destination = expected[name] if len(chunks) == 1 else expected[name][start : start + len(value)]
+                    if tuple(value.shape) != tuple(destination.shape):
+                        shape = list(tensor.shape) if name == key else list(value.shape)
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has shape {shape} but the model (config.json) expects "
+                            f"{list(expected[name].shape)}"
+                        )
+                    destination.copy_(value)
+                    filled.add(name)
+                start += len(chunk) if chunk.dim() else 0
+                release_file_pages(chunk)
+            del tensor, chunks
     return filled
 
 
