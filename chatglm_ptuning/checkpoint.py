@@ -6,8 +6,12 @@ time, so a quantized model can be built while the shards stream past (`loading.p
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
+import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -15,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers.utils import logging
 
 from .configuration import ARCH_GLM1, ARCH_GLM2, detect_architecture
 from .prompt_learning import (
@@ -33,6 +38,9 @@ METHODS = SOFT_PROMPT_METHODS + ("lora", "full")
 # Weight files in the order they are looked for: newer transformers write safetensors.
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+logger = logging.get_logger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -82,18 +90,89 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
-def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors or .bin file, on CPU (bin files memory-mapped)."""
+def _torch_load(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
+    """A .bin state dict through `torch.load(weights_only=True)` (no arbitrary unpickling)."""
     try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                return {key: handle.get_tensor(key) for key in handle.keys()}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt or foreign file
         raise CheckpointError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), found {type(state).__name__}")
     return state
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors or .bin file, on CPU (memory-mapped but the legacy .bin format)."""
+    if path.suffix == ".safetensors":
+        return {key: tensor for _, key, tensor in _file_tensors(path, release=False)}
+    return _torch_load(path, mmap=zipfile.is_zipfile(path))
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a memory-mapped tensor from this process (Linux madvise
+    MADV_PAGEOUT on the pages wholly inside it). Contents are kept: a later read faults them
+    back in. A no-op elsewhere, on kernels without MADV_PAGEOUT (< 5.4) and for small tensors."""
+    if _madvise is None:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _madvise(first, last - first, _MADV_PAGEOUT)
+
+
+def _load_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_MADV_PAGEOUT = 21  # <linux/mman.h>
+_madvise = _load_madvise()
+
+
+def _file_tensors(path: Path, release: bool = True) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, key, tensor) of one weight file, one tensor at a time (see `iter_weight_tensors`)."""
+    if path.suffix == ".safetensors":
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as err:  # noqa: BLE001 - a corrupt or foreign file
+            raise CheckpointError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+        with handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                yield path, key, tensor
+                if release:
+                    release_file_pages(tensor)
+        return
+    streamed = zipfile.is_zipfile(path)
+    if not streamed:
+        logger.warning("%s is in the legacy (non-zip) torch.save format: it is read whole, not streamed", path)
+    state = _torch_load(path, mmap=streamed)
+    for key in list(state):
+        tensor = state.pop(key)
+        yield path, key, tensor
+        if release and streamed:
+            release_file_pages(tensor)
+
+
+def iter_weight_tensors(folder: str | os.PathLike) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """Yield (file, key, tensor) over every weight file of `folder`, one tensor at a time.
+
+    Files are memory-mapped (safetensors' `safe_open`; `torch.load(mmap=True, weights_only=True)`
+    for zip-format .bin files) and each tensor's pages are released once the next one is asked
+    for, so no shard is ever wholly resident: copy what you need before asking for the next.
+    Legacy non-zip .bin files cannot be mapped: they are read whole (logged).
+    """
+    for path in weight_files(folder):
+        yield from _file_tensors(path)
 
 
 def iter_weight_files(folder: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:

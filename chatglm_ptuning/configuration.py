@@ -10,6 +10,9 @@ each subclass to its model class.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -22,6 +25,15 @@ _GLM2_ONLY_FIELDS = frozenset(
 
 ARCH_GLM1 = "chatglm"  # ChatGLM-6B: GLM blocks, 2D positions
 ARCH_GLM2 = "chatglm2"  # ChatGLM2-6B and ChatGLM3-6B: RoPE, multi-query attention, RMSNorm
+
+# How `rope_ratio` stretches RoPE in long-context checkpoints (the two generations differ):
+# chatglm2-6b-32k divides the positions by it (position interpolation), chatglm3-6b-32k/-128k
+# multiply the RoPE base by it.
+ROPE_INTERPOLATE = "interpolate"
+ROPE_BASE = "base"
+ROPE_SCALING_MODES = (ROPE_INTERPOLATE, ROPE_BASE)
+# Tokens only ChatGLM3's tokenizer_config.json lists (its role tokens); ChatGLM2's has none.
+_GLM3_TOKENIZER_MARKERS = ("<|user|>", "<|system|>", "<|assistant|>", "<|observation|>")
 
 
 def detect_architecture(fields: dict[str, Any]) -> str:
@@ -150,7 +162,11 @@ class ChatGLM2Config(ChatGLMConfig):
     attention_softmax_in_fp32: bool = True
     fp32_residual_connection: bool = False
     original_rope: bool = True  # stored, unused by the math
-    rope_ratio: float = 1.0  # RoPE base multiplier used by long-context GLM checkpoints
+    rope_ratio: float = 1.0  # long-context stretch of RoPE; how it applies is `rope_scaling_mode`
+    # ROPE_INTERPOLATE (chatglm2-6b-32k: positions / rope_ratio) or ROPE_BASE (chatglm3-6b-32k/128k:
+    # base 10000 * rope_ratio); None: not decided, computed as ROPE_BASE (`load_model` decides
+    # from the folder, see `rope_scaling_mode_for_folder`).
+    rope_scaling_mode: str | None = None
     tie_word_embeddings: bool = False
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
@@ -158,6 +174,10 @@ class ChatGLM2Config(ChatGLMConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         self.vocab_size = self.padded_vocab_size
+        if self.rope_scaling_mode not in (None, *ROPE_SCALING_MODES):
+            raise ValueError(
+                f"rope_scaling_mode must be one of {ROPE_SCALING_MODES} (or None), found {self.rope_scaling_mode!r}"
+            )
 
     @property
     def architecture(self) -> str:
@@ -170,3 +190,71 @@ class ChatGLM2Config(ChatGLMConfig):
     @property
     def head_dim(self) -> int:
         return self.kv_channels
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def _generation_in_name(name: object) -> int | None:
+    """2 or 3 when a model/tokenizer name says chatglm2 or chatglm3 (GLM-4 counts as 3), else None."""
+    text = str(name or "").lower()
+    if "chatglm3" in text or "glm-4" in text or "glm4" in text:
+        return 3
+    if "chatglm2" in text:
+        return 2
+    return None
+
+
+def rope_scaling_mode_for_folder(folder: str | os.PathLike, override: str | None = None) -> tuple[str, str]:
+    """The RoPE rule of a ChatGLM2/3 model folder and why: (ROPE_INTERPOLATE or ROPE_BASE, reason).
+
+    The rule follows the model generation: ChatGLM2 (chatglm2-6b-32k, whose modeling_chatglm.py
+    divides `seq_idx` by `rope_ratio`) interpolates positions; ChatGLM3 (chatglm3-6b-32k/-128k,
+    whose `forward_impl` multiplies `base` by `rope_ratio`) scales the base. First that applies:
+    `override`; the folder's config.json `rope_scaling_mode`; rope_ratio 1 (both rules are the
+    same); tokenizer_config.json's `chatglm_version` or ChatGLM3 role tokens; "chatglm2"/"chatglm3"
+    in config.json `_name_or_path`, tokenizer_config.json `name_or_path` or the folder name; a
+    ChatGLM2/3 `tokenizer.model` with no ChatGLM3 mark (the ChatGLM2 tokenizer); else ROPE_BASE.
+    """
+    folder = Path(folder)
+    if override is not None:
+        if override not in ROPE_SCALING_MODES:
+            raise ValueError(f"rope_scaling_mode must be one of {ROPE_SCALING_MODES}, found {override!r}")
+        return override, "rope_scaling_mode given"
+    config = _read_json(folder / "config.json")
+    stored = config.get("rope_scaling_mode")
+    if stored is not None:
+        if stored not in ROPE_SCALING_MODES:
+            raise ValueError(
+                f"{folder / 'config.json'}: rope_scaling_mode must be one of {ROPE_SCALING_MODES}, found {stored!r}"
+            )
+        return stored, "config.json rope_scaling_mode"
+    if float(config.get("rope_ratio", 1.0)) == 1.0:
+        return ROPE_BASE, "rope_ratio is 1 (no long-context scaling)"
+    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    version = tokenizer_config.get("chatglm_version")
+    reason = "tokenizer_config.json chatglm_version"
+    if version is None and any(marker in json.dumps(tokenizer_config) for marker in _GLM3_TOKENIZER_MARKERS):
+        version, reason = 3, "ChatGLM3 role tokens in tokenizer_config.json"
+    if version is None:
+        names = {
+            "config.json _name_or_path": config.get("_name_or_path"),
+            "tokenizer_config.json name_or_path": tokenizer_config.get("name_or_path"),
+            "the folder name": folder.resolve().name,
+        }
+        for where, name in names.items():
+            version = _generation_in_name(name)
+            if version is not None:
+                reason = f"{name!r} in {where}"
+                break
+    if version is None and (folder / "tokenizer.model").is_file():
+        version, reason = 2, "a ChatGLM2 tokenizer (tokenizer.model without ChatGLM3 marks)"
+    if version is None:
+        return ROPE_BASE, "nothing in the folder tells ChatGLM2 from ChatGLM3; the ChatGLM3 rule is assumed"
+    mode = ROPE_INTERPOLATE if int(version) == 2 else ROPE_BASE
+    return mode, f"ChatGLM{int(version)} ({reason})"

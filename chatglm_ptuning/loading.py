@@ -1,14 +1,16 @@
 """`load_model`: the one loader behind training, evaluation, the demos and the API.
 
 It builds the model empty (no initialisation, memory untouched), then streams the checkpoint
-shard by shard into it. With `quantization_bit` the quantized layers are built as packed
-holders, and each dense weight is quantized as its shard arrives, so peak host memory stays
-near the quantized model plus one shard.
+into it tensor by tensor (`checkpoint.iter_weight_tensors`). With `quantization_bit` the
+quantized layers are built as packed holders and each dense weight is quantized as it arrives,
+so peak host memory stays near the quantized model plus the largest single tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -17,18 +19,26 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 from transformers.initialization import no_init_weights
+from transformers.utils import logging
 
 from .checkpoint import (
     LORA_CONFIG_FILE,
     SETTINGS_FILE,
     CheckpointError,
     PromptSettings,
-    iter_weight_files,
+    iter_weight_tensors,
+    release_file_pages,
     read_checkpoint_settings,
     read_prefix_checkpoint,
     require_folder,
 )
-from .configuration import ChatGLMConfig
+from .configuration import (
+    ARCH_GLM2,
+    ROPE_INTERPOLATE,
+    ROPE_SCALING_MODES,
+    ChatGLMConfig,
+    rope_scaling_mode_for_folder,
+)
 from .lora import LoraOptions, add_lora, load_lora
 from .methods import (
     MethodError,
@@ -40,6 +50,8 @@ from .methods import (
 )
 from .modeling_base import ChatGLMLMBase
 from .prompt_learning import SOFT_PROMPT_KEY_PREFIXES, SOFT_PROMPT_METHODS
+
+logger = logging.get_logger(__name__)
 
 
 def default_device() -> torch.device:
@@ -74,39 +86,128 @@ def _ignored_unexpected(model: ChatGLMLMBase, key: str) -> bool:
     return any(re.search(pattern, key) for pattern in patterns)
 
 
+_CHUNK_BYTES = 64 * 1024**2  # rows of a stored tensor copied (or quantized) at once
+
+
 def _stream_weights(model: ChatGLMLMBase, folder: Path, quantization_bit: int) -> set[str]:
-    """Copy every shard of `folder` into `model`; returns the model keys that were filled."""
+    """Copy every tensor of `folder` into `model`, one at a time; returns the model keys filled.
+
+    Large tensors go in row chunks of about _CHUNK_BYTES whose file pages are released as soon
+    as they are copied (or quantized: every quantization formula is per row), so at most one
+    chunk of the checkpoint is resident beside the model."""
     from .quantization import quantize_linear_state
 
-    expected = model.state_dict()
+    expected = model.state_dict()  # views of the model's own tensors: copying into them loads
     tied_targets = _tied_keys(model)  # e.g. ChatGLM-6B's lm_head: the official loader keeps word_embeddings
     filled: set[str] = set()
     architecture = model.config.architecture
-    for path, shard in iter_weight_files(folder):
-        batch: dict[str, torch.Tensor] = {}
-        for key, tensor in shard.items():
+    with torch.no_grad():
+        for path, key, tensor in iter_weight_tensors(folder):
             if key in tied_targets:
-                continue
-            if quantization_bit and tensor.is_floating_point() and key in expected and expected[key].dtype == torch.int8:
-                # A dense weight arriving for a quantized holder: quantize it now, on the model's device.
-                quantized = quantize_linear_state(architecture, key, tensor.to(expected[key].device), quantization_bit)
-                batch.update(quantized)
                 continue
             if key not in expected:
                 if _ignored_unexpected(model, key):
                     continue
-                raise CheckpointError(f"{path}: tensor {key!r} does not belong to a {architecture!r} model of this configuration")
-            batch[key] = tensor
-        for key, tensor in batch.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise CheckpointError(
-                    f"{path}: tensor {key!r} has shape {list(tensor.shape)} but the model (config.json) expects "
-                    f"{list(expected[key].shape)}"
+                    f"{path}: tensor {key!r} does not belong to a {architecture!r} model of this configuration"
                 )
-        model.load_state_dict(batch, strict=False)
-        filled.update(batch)
-        del shard, batch
+            target = expected[key]
+            quantized = bool(quantization_bit) and tensor.is_floating_point() and target.dtype == torch.int8
+
+            def entries(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+                if quantized:  # a dense weight arriving for a quantized holder: quantize it on the model's device
+                    return quantize_linear_state(architecture, key, rows.to(target.device), quantization_bit)
+                return {key: rows}
+
+            if tensor.dim() == 0 or tensor.shape[0] != target.shape[0] or target.dim() == 0:
+                chunks = [tensor]  # whole (and a shape mismatch is reported below)
+            else:
+                rows = max(1, _CHUNK_BYTES // max(1, tensor[0].numel() * tensor.element_size()))
+                chunks = [tensor[start : start + rows] for start in range(0, tensor.shape[0], rows)]
+            start = 0
+            for chunk in chunks:
+                for name, value in entries(chunk).items():
+                    destination = expected[name] if len(chunks) == 1 else expected[name][start : start + len(value)]
+                    if tuple(value.shape) != tuple(destination.shape):
+                        shape = list(tensor.shape) if name == key else list(value.shape)
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has shape {shape} but the model (config.json) expects "
+                            f"{list(expected[name].shape)}"
+                        )
+                    destination.copy_(value)
+                    filled.add(name)
+                start += len(chunk) if chunk.dim() else 0
+                release_file_pages(chunk)
+            del tensor, chunks
     return filled
+
+
+def _stored_config(folder: str | os.PathLike) -> dict | None:
+    """config.json of a local model folder as stored, or None (not a local folder)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+    return raw if isinstance(raw, dict) else None
+
+
+def dense_folder_quantization_bit(folder: str | os.PathLike, kwargs: dict) -> int | None:
+    """For `from_pretrained(folder, quantization_bit=b)` (or a config saying b) on a dense local
+    folder: make `kwargs` load it dense and return b to quantize after loading; else None.
+
+    A folder already quantized to other bits is an error (reload the dense checkpoint)."""
+    stored = _stored_config(folder) if isinstance(folder, (str, os.PathLike)) else None
+    if stored is None:
+        return None
+    config = kwargs.get("config")
+    requested = kwargs.get("quantization_bit")
+    if requested is None and isinstance(config, ChatGLMConfig):
+        requested = config.quantization_bit
+    stored_bits = int(stored.get("quantization_bit") or 0)
+    if not requested or requested == stored_bits:
+        return None
+    if stored_bits:
+        raise CheckpointError(f"{folder} is already quantized to INT{stored_bits}; it cannot be loaded as INT{requested}")
+    if isinstance(config, ChatGLMConfig):
+        kwargs["config"] = config = copy.deepcopy(config)
+        config.quantization_bit = 0
+    if "quantization_bit" in kwargs:
+        kwargs["quantization_bit"] = 0
+    return requested
+
+
+def choose_rope_rule(config: ChatGLMConfig, folder: str | os.PathLike, override: str | None = None) -> None:
+    """Set `config.rope_scaling_mode` of a ChatGLM2/3 folder (`rope_scaling_mode_for_folder`) and
+    say which rule was chosen when it matters (rope_ratio != 1)."""
+    if config.architecture != ARCH_GLM2:
+        if override is not None:
+            raise ValueError("rope_scaling_mode applies to ChatGLM2/3 models, not to ChatGLM-6B")
+        return
+    if config.rope_ratio == 1 and override is None:
+        return  # both rules are the same
+    mode, reason = rope_scaling_mode_for_folder(folder, override)
+    config.rope_scaling_mode = mode
+    if config.rope_ratio != 1:
+        rule = "positions / rope_ratio" if mode == ROPE_INTERPOLATE else "RoPE base 10000 x rope_ratio"
+        logger.warning(
+            f"{folder}: rope_ratio {config.rope_ratio} applied as rope_scaling_mode={mode!r} ({rule}), chosen by {reason}; "
+            f"pass rope_scaling_mode={ROPE_SCALING_MODES} to override"
+        )
+
+
+def apply_folder_rope_rule(model: ChatGLMLMBase, folder: str | os.PathLike) -> None:
+    """After `from_pretrained`: give a ChatGLM2/3 model whose config does not fix the RoPE rule
+    its folder's rule (a no-op for other models and for folders that are not local)."""
+    config = model.config
+    if config.architecture != ARCH_GLM2 or config.rope_scaling_mode is not None:
+        return
+    if not isinstance(folder, (str, os.PathLike)) or not (Path(folder) / "config.json").is_file():
+        return
+    choose_rope_rule(config, folder)
+    model.transformer.rotary_pos_emb.set_scaling(config.rope_ratio, config.rope_scaling_mode)
 
 
 def load_model(
@@ -122,6 +223,7 @@ def load_model(
     encoder_type: str | None = None,
     encoder_hidden_size: int | None = None,
     lora_options: LoraOptions | None = None,
+    rope_scaling_mode: str | None = None,
 ):
     """Load a ChatGLM model folder (and optionally a method checkpoint) for use or training.
 
@@ -135,7 +237,9 @@ def load_model(
     (prefix_tuning, ptuning), `lora_options` (a new LoRA adapter).
     `quantization_bit` 4/8 quantizes a dense checkpoint while loading; a pre-quantized one
     loads as it is. `chatglm_version` (2 or 3) picks the ChatGLM2 or ChatGLM3 tokenizer for
-    folders whose tokenizer_config.json does not say. The model is returned in eval mode with
+    folders whose tokenizer_config.json does not say. `rope_scaling_mode` ("interpolate": chatglm2-6b-32k,
+    "base": chatglm3-6b-32k/-128k) overrides the RoPE rule a ChatGLM2/3 folder with `rope_ratio`
+    gets from its tokenizer family and name (logged). The model is returned in eval mode with
     the backbone frozen for every method but full; with lora it is PEFT's PeftModel around the
     ChatGLM model (which still has `chat()`, `generate()` and `config`).
     """
@@ -151,6 +255,7 @@ def load_model(
         encoder_type=encoder_type,
         encoder_hidden_size=encoder_hidden_size,
         lora_options=lora_options,
+        rope_scaling_mode=rope_scaling_mode,
     )
     tokenizer = load_tokenizer(model_name_or_path, chatglm_version)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -169,6 +274,7 @@ def load_model_weights(
     encoder_type: str | None = None,
     encoder_hidden_size: int | None = None,
     lora_options: LoraOptions | None = None,
+    rope_scaling_mode: str | None = None,
 ) -> ChatGLMLMBase:
     """`load_model` without the tokenizer: the model alone, same arguments and checks."""
     where = f"checkpoint {ptuning_checkpoint}"
@@ -184,6 +290,7 @@ def load_model_weights(
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json: not a model folder")
     config = ChatGLMConfig.from_pretrained(folder)
+    choose_rope_rule(config, folder, rope_scaling_mode)
     prefix_state: dict[str, torch.Tensor] = {}
     if method in SOFT_PROMPT_METHODS:
         if settings is not None:

@@ -282,14 +282,28 @@ class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
             freeze_backbone_for_prefix(self)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """transformers' from_pretrained, then the prefix freeze again: loading replaces every
-        Parameter with a new, trainable one."""
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, plus: `quantization_bit` on a dense folder loads it dense
+        and quantizes it (`quantize`); a ChatGLM2/3 folder gets its RoPE rule (`load_model`'s);
+        the prefix is frozen again (loading replaces every Parameter with a new, trainable one)."""
+        from .loading import apply_folder_rope_rule, dense_folder_quantization_bit
+
+        bits = dense_folder_quantization_bit(pretrained_model_name_or_path, kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        apply_folder_rope_rule(model, pretrained_model_name_or_path)
+        if bits:
+            model.quantize(bits)
         if model.config.pre_seq_len:
             freeze_backbone_for_prefix(model)
         return loaded
+
+    def quantize(self, bits: int, empty_init: bool = False, device: torch.device | str | None = None):
+        """The official `model.quantize(bits)`: INT4/INT8 weight-only quantization in place, in the
+        official packed format; returns the model (`quantization.quantize_model`)."""
+        from .quantization import quantize_model
+
+        return quantize_model(self, bits, empty_init=empty_init, device=device)
 
     def prefix_state_dict(self) -> dict[str, torch.Tensor]:
         """The soft-prompt encoder's tensors under their full names (official ones for the prefix

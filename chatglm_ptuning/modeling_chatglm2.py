@@ -53,27 +53,39 @@ def make_norm(config: ChatGLM2Config) -> nn.Module:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE angles for the first half of each head: pair j of a head turns by `position * theta_j`,
-    `theta_j = base^(-2j / (D/2))`, `base = 10000 * rope_ratio`.
+    """RoPE angles for the first half of each head: pair j of a head turns by `(position / scale) * theta_j`,
+    `theta_j = base^(-2j / (D/2))`.
 
-    Angles are computed in fp32 from the config (ChatGLM3's rule); cos/sin are then rounded to the
-    activation dtype when that is fp16/bf16, as the original's cache is. The `inv_freq` buffer exists only
-    because official checkpoints store `transformer.rotary_pos_emb.inv_freq`: it is loaded and saved, and
-    its values are never read.
+    `rope_ratio` stretches RoPE as `config.rope_scaling_mode` says: "interpolate" (chatglm2-6b-32k's
+    modeling_chatglm.py: `seq_idx / rope_ratio`, base 10000) or "base" (chatglm3-6b-32k/-128k:
+    `base = 10000 * rope_ratio`, positions as they are; also the rule when the mode is None).
+    Angles are computed in fp32 as the originals do; cos/sin are then rounded to the activation dtype
+    when that is fp16/bf16, as the original's cache is. The `inv_freq` buffer exists only because
+    official checkpoints store `transformer.rotary_pos_emb.inv_freq`: it is loaded and saved, and its
+    values are never read.
     """
 
     def __init__(self, config: ChatGLM2Config):
         super().__init__()
         self.rotary_dim = config.kv_channels // 2
-        self.base = 10000 * config.rope_ratio
+        self.set_scaling(config.rope_ratio, config.rope_scaling_mode)
         steps = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim
         self.register_buffer("inv_freq", 1.0 / (10000**steps))
+
+    def set_scaling(self, rope_ratio: float, mode: str | None) -> None:
+        """Apply `rope_ratio` by `mode` ("interpolate" or "base"; None: "base")."""
+        interpolate = mode == "interpolate"
+        self.base = 10000 if interpolate else 10000 * rope_ratio
+        self.position_divisor = rope_ratio if interpolate else 1
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rotary:
         """position_ids [b, s] -> (cos, sin), each [b, 1, s, rotary_dim/2] (broadcast over heads)."""
         steps = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=position_ids.device) / self.rotary_dim
         theta = 1.0 / (self.base**steps)
-        angles = position_ids.to(torch.float32)[..., None] * theta  # [b, s, rotary_dim/2]
+        positions = position_ids.to(torch.float32)
+        if self.position_divisor != 1:
+            positions = positions / self.position_divisor
+        angles = positions[..., None] * theta  # [b, s, rotary_dim/2]
         cos, sin = torch.cos(angles), torch.sin(angles)
         if dtype in (torch.float16, torch.bfloat16):
             cos, sin = cos.to(dtype), sin.to(dtype)

@@ -48,6 +48,10 @@ def official_config_dict(config: ChatGLMConfig, name_or_path: str = "", torch_dt
     out: dict[str, Any] = {"_name_or_path": name_or_path, "architectures": ["ChatGLMModel"], "auto_map": dict(_AUTO_MAP)}
     for key in _OFFICIAL_KEYS[config.architecture]:
         out[key] = getattr(config, key)
+    if config.architecture != ARCH_GLM1 and config.rope_ratio != 1:  # the long-context repos (-32k, -128k)
+        out["rope_ratio"] = config.rope_ratio
+    if getattr(config, "rope_scaling_mode", None):  # ours: keeps the RoPE rule when the folder is renamed
+        out["rope_scaling_mode"] = config.rope_scaling_mode
     if config.quantization_bit:
         out["quantization_bit"] = config.quantization_bit
     if config.pre_seq_len:

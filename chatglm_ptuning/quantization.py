@@ -39,11 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import ARCH_GLM1, ARCH_GLM2
+from .prompt_learning import SOFT_PROMPT_KEY_PREFIXES
 
 SUPPORTED_BITS = (4, 8)
 
 # CPU kernel choices (measured, see the module docstring).
 _BLOCK_ROWS = 256  # weight rows dequantized at once: 4 MiB of fp32 at in_features=4096
+_QUANTIZE_BLOCK_ROWS = 1024  # weight rows quantized at once (temporaries of 8-16 MiB at in_features=4096)
 # Up to this many bf16 activation rows torch._weight_int8pack_mm beats the fp32 block path.
 _INT8PACK_MAX_ROWS = 32
 # On CPUs with native bf16 (avx512_bf16/AMX) bf16 blocks win from this many rows on; below
@@ -170,10 +172,20 @@ def quantize_weight(
     if bits == 4 and weight.shape[1] % 2:
         raise ValueError(f"INT4 quantization needs an even number of input features, found {weight.shape[1]}")
     max_q = 2 ** (bits - 1) - 1
-    scale = (weight.abs().amax(dim=-1) / max_q).to(weight.dtype if scale_dtype is None else scale_dtype)
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # zero rows -> q = 0, not NaN
-    q = torch.round(weight / divisor[:, None]).clamp_(-max_q, max_q).to(torch.int8)
-    return (pack_int4(q) if bits == 4 else q), scale
+    scale_dtype = weight.dtype if scale_dtype is None else scale_dtype
+    rows = weight.shape[0]
+    qweight = torch.empty(rows, weight.shape[1] * bits // 8, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, dtype=scale_dtype, device=weight.device)
+    # Row blocks: every formula is per row, so this is exact, and the temporaries stay one block
+    # large (a streamed 6B weight never needs several dense copies at once).
+    for start in range(0, rows, _QUANTIZE_BLOCK_ROWS):
+        block = weight[start : start + _QUANTIZE_BLOCK_ROWS]
+        block_scale = (block.abs().amax(dim=-1) / max_q).to(scale_dtype)
+        divisor = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)  # zero rows -> q = 0, not NaN
+        q = torch.round(block / divisor[:, None]).clamp_(-max_q, max_q).to(torch.int8)
+        qweight[start : start + block.shape[0]] = pack_int4(q) if bits == 4 else q
+        scale[start : start + block.shape[0]] = block_scale
+    return qweight, scale
 
 
 def unpacked_weight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -394,13 +406,16 @@ def quantize_linear_state(
     return {name: qweight, f"{module_name}.weight_scale": scale}
 
 
-def quantize(model: nn.Module, bits: int, empty_init: bool = False) -> nn.Module:
+def quantize(
+    model: nn.Module, bits: int, empty_init: bool = False, device: torch.device | str | None = None
+) -> nn.Module:
     """Replace the family's quantized linears of `model` in place; sets `config.quantization_bit`.
 
     `model` is a ChatGLM causal LM or its inner model (anything with `.config.architecture`).
     `empty_init` builds empty holders of the official shapes for a pre-quantized state dict.
-    A model already quantized to `bits` is returned unchanged (as the official `quantize`);
-    one quantized to other bits raises. Returns `model`.
+    `device` (None: where each weight is) is where each weight is quantized and its layer is put,
+    as the official `quantize(..., device=...)`. A model already quantized to `bits` is returned
+    unchanged; one quantized to other bits raises. Returns `model`.
     """
     bits = _check_bits(bits)
     architecture = model.config.architecture
@@ -425,7 +440,42 @@ def quantize(model: nn.Module, bits: int, empty_init: bool = False) -> nn.Module
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, expected torch.nn.Linear")
+        if device is not None:
+            linear = linear.to(device)
         setattr(parent, child, QuantizedLinear.from_linear(linear, bits, family.scale_dtype, empty_init))
         del linear
     model.config.quantization_bit = bits
     return model
+
+
+def quantize_model(
+    model: nn.Module, bits: int, empty_init: bool = False, device: torch.device | str | None = None
+) -> nn.Module:
+    """`model.quantize(bits)` of the official ChatGLM classes, on a causal LM; returns `model`.
+
+    Quantizes the same four linears per layer as the official quantization.py, in its packed
+    format and scale dtype (ChatGLM-6B: fp16 scales from any weight dtype; ChatGLM2/3: the weight's),
+    in place, whatever the model's dtype. The soft-prompt encoder, if any, is cast to fp32 and
+    stays trainable (what the official recipe does by hand after `quantize`). Bits other than
+    4/8 and a second quantization are errors (the official returns the model unchanged and logs).
+    """
+    bits = _check_bits(bits)
+    present = sorted({module.bits for module in model.modules() if isinstance(module, QuantizedLinear)})
+    if present:
+        raise ValueError(
+            f"this model is already quantized (INT{'/INT'.join(map(str, present))}); quantize() runs once, "
+            "on a dense model: load the dense checkpoint again to quantize it differently"
+        )
+    quantize(model, bits, empty_init, device)
+    for prefix in SOFT_PROMPT_KEY_PREFIXES:
+        encoder = _submodule_or_none(model, prefix.rstrip("."))
+        if encoder is not None:
+            encoder.float().requires_grad_(True)
+    return model
+
+
+def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -4,8 +4,10 @@ For a ChatGLM2-6B-shaped and a ChatGLM-6B-shaped model (28 layers, hidden 4096, 
 sizes) with random weights:
 1. a synthetic fp16 checkpoint in the official sharded layout is streamed to disk, one shard
    at a time (the dense model never exists in memory);
-2. a fresh process loads it with `load_model(..., quantization_bit=b)` (quantize while loading)
-   and reports its peak RSS and the resident weight bytes; the same process then runs one P-tuning
+2. a fresh process loads it with `load_model(..., quantization_bit=b)` (quantize while loading,
+   tensor by tensor from memory-mapped shards) and reports its loading peak RSS (VmHWM: the
+   mapped checkpoint pages it touches count too) and the resident weight bytes; the same process
+   then runs one P-tuning
    v2 training step (batch 1, 64 + 128 tokens, pre_seq_len 128, gradient checkpointing) and
    reports the step time and the step's peak RSS.
 The dense fp16 checkpoint size is the baseline the ratios refer to.

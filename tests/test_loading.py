@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from official_layout import REPO_ROOT, random_prefix_state, tiny_config, write_tiny_checkpoint
+from official_layout import REPO_ROOT, random_official_state, random_prefix_state, tiny_config, write_tiny_checkpoint
 
 import chatglm_ptuning  # noqa: F401 - registers the Auto classes
-from chatglm_ptuning import load_model
+from chatglm_ptuning import checkpoint, load_model, loading
+from chatglm_ptuning.official_format import write_official_folder
 from chatglm_ptuning.checkpoint import CheckpointError, PromptSettings, read_prefix_checkpoint, save_prefix_checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -192,3 +194,165 @@ def test_old_full_model_ptuning_checkpoint_loads_directly(tmp_path, shared_token
     # ...and as a P-tuning checkpoint on top of the plain base
     state, settings = read_prefix_checkpoint(folder)
     assert settings.pre_seq_len == 4 and not settings.prefix_projection and list(state) == [key]
+
+
+# --------------------------------------------------------------------------------------
+# Long-context variants: which RoPE rule a folder gets
+# --------------------------------------------------------------------------------------
+
+LONG_CONTEXT = {  # folder name: (tokenizer, rope_ratio, the original's rule)
+    "chatglm2-6b-32k": ("chatglm2-6b", 16, "interpolate"),
+    "chatglm3-6b-32k": ("chatglm3-6b", 50, "base"),
+    "chatglm3-6b-128k": ("chatglm3-6b", 500, "base"),
+}
+
+
+def _expected_cos(rope_ratio: float, mode: str, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """cos of the original's rotary cache at `positions` (chatglm2-6b-32k: seq_idx / rope_ratio;
+    chatglm3-6b-32k/128k: base 10000 * rope_ratio)."""
+    n_elem = head_dim // 2
+    base = 10000 * (rope_ratio if mode == "base" else 1)
+    theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float) / n_elem))
+    seq_idx = torch.arange(int(positions.max()) + 1, dtype=torch.float)
+    if mode == "interpolate":
+        seq_idx = seq_idx / rope_ratio
+    return torch.cos(torch.outer(seq_idx, theta))[positions]
+
+
+def _long_context_folder(root, name: str, **tokenizer_config_changes):
+    tokenizer, rope_ratio, _ = LONG_CONTEXT.get(name.split("/")[-1], LONG_CONTEXT["chatglm2-6b-32k"])
+    folder = write_tiny_checkpoint(root / name, "chatglm2", tokenizer=tokenizer, num_shards=1, rope_ratio=rope_ratio)
+    if tokenizer_config_changes:
+        path = folder / "tokenizer_config.json"
+        config = json.loads(path.read_text())
+        for key, value in tokenizer_config_changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        path.write_text(json.dumps(config))
+    return folder
+
+
+def _check_rule(model, rope_ratio: float, mode: str) -> None:
+    positions = torch.tensor([[0, 1, 2, 3, 200, 255]])
+    cos, _ = model.transformer.rotary_pos_emb(positions, torch.float32)
+    assert torch.equal(cos[:, 0], _expected_cos(rope_ratio, mode, positions, model.config.kv_channels))
+
+
+@pytest.mark.parametrize("name", sorted(LONG_CONTEXT))
+def test_long_context_folders_get_their_originals_rope_rule(tmp_path, name, shared_tokenizers, monkeypatch):
+    _, rope_ratio, mode = LONG_CONTEXT[name]
+    folder = _long_context_folder(tmp_path, name)
+    said = []
+    monkeypatch.setattr(chatglm_ptuning.loading.logger, "warning", lambda message, *args: said.append(message % args))
+    loaded, _ = load_model(folder, device="cpu", dtype=torch.float32)
+    assert loaded.config.rope_scaling_mode == mode
+    assert len(said) == 1 and f"rope_scaling_mode={mode!r}" in said[0] and f"rope_ratio {rope_ratio}" in said[0]
+    auto = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert auto.config.rope_scaling_mode == mode
+    for model in (loaded, auto):
+        _check_rule(model, rope_ratio, mode)
+    assert torch.equal(_logits(loaded, GLM2_IDS), _logits(auto, GLM2_IDS))
+    other = "base" if mode == "interpolate" else "interpolate"
+    overridden, _ = load_model(folder, device="cpu", dtype=torch.float32, rope_scaling_mode=other)
+    _check_rule(overridden, rope_ratio, other)
+    assert not torch.allclose(_logits(loaded, GLM2_IDS), _logits(overridden, GLM2_IDS), atol=1e-4)
+
+
+def test_a_renamed_chatglm2_32k_folder_keeps_the_chatglm2_rule(tmp_path, shared_tokenizers):
+    """No name anywhere: the ChatGLM2 tokenizer (tokenizer.model without ChatGLM3 marks) decides."""
+    folder = _long_context_folder(tmp_path, "my-long-model", name_or_path=None)
+    model, tokenizer = load_model(folder, device="cpu", dtype=torch.float32)
+    assert type(tokenizer).__name__ == "ChatGLM2Tokenizer"
+    assert model.config.rope_scaling_mode == "interpolate"
+    _check_rule(model, 16, "interpolate")
+
+
+@pytest.mark.parametrize("mark", [{"chatglm_version": 3}, {"added_tokens_decoder": {"64795": {"content": "<|user|>"}}}])
+def test_a_renamed_chatglm3_folder_is_told_by_its_tokenizer_config(tmp_path, shared_tokenizers, mark):
+    folder = _long_context_folder(tmp_path, "renamed", name_or_path=None, **mark)
+    model, _ = load_model(folder, device="cpu", dtype=torch.float32)
+    assert model.config.rope_scaling_mode == "base"
+
+
+def test_the_chosen_rule_is_saved_and_explicit_config_wins(tmp_path, shared_tokenizers):
+    folder = _long_context_folder(tmp_path, "chatglm2-6b-32k")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "saved-as-chatglm3-name")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved-as-chatglm3-name", dtype=torch.float32)
+    assert reloaded.config.rope_scaling_mode == "interpolate"
+    forced = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, rope_scaling_mode="base")
+    _check_rule(forced, 16, "base")
+    with pytest.raises(ValueError, match="rope_scaling_mode must be one of"):
+        load_model(folder, device="cpu", rope_scaling_mode="yarn")
+
+
+# --------------------------------------------------------------------------------------
+# Streaming: tensor by tensor, a shard is never wholly resident
+# --------------------------------------------------------------------------------------
+
+_MAPPING_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
+
+
+def _mapped_resident_bytes(path) -> int:
+    """Bytes of `path` resident in this process's memory maps (/proc/self/smaps Rss)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if _MAPPING_HEADER.match(line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="measures Linux memory maps")
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_loading_streams_tensor_by_tensor(tmp_path, monkeypatch, fmt, bits):
+    """One 9 MB shard whose largest tensor is 2 MB: while each tensor is copied (or quantized) into the
+    model, at most that tensor (plus a few neighbouring pages) of the shard is resident."""
+    config = tiny_config(
+        "chatglm2", hidden_size=512, ffn_hidden_size=1024, kv_channels=64, num_attention_heads=8, padded_vocab_size=256
+    )
+    state = random_official_state(config)
+    folder = write_official_folder(config, state, tmp_path / "model", fmt=fmt, num_shards=1)
+    shard = next(folder.glob(f"*.{'bin' if fmt == 'bin' else 'safetensors'}"))
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    shard_bytes = shard.stat().st_size
+    assert shard_bytes > 4 * largest
+    original = loading.iter_weight_tensors
+    resident: list[int] = []
+
+    def watched(where):
+        for item in original(where):
+            yield item
+            resident.append(_mapped_resident_bytes(shard))  # the consumer is done with this tensor; not yet released
+
+    monkeypatch.setattr(loading, "iter_weight_tensors", watched)
+    model = loading.load_model_weights(folder, quantization_bit=bits, device="cpu", dtype=torch.float32)
+    assert len(resident) == len(state)
+    assert max(resident) <= largest + 512 * 1024, (max(resident), largest, shard_bytes)  # + header, fault-around
+    monkeypatch.setattr(loading, "iter_weight_tensors", original)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)  # the fp16 weights, as stored
+    if bits:
+        reference.quantize(bits)  # quantize-while-loading quantizes the stored fp16 tensors
+    ids = torch.tensor([[1, 5, 9, 200, 17]])
+    assert torch.equal(_logits(model, ids), _logits(reference.float(), ids))
+
+
+def test_legacy_non_zip_bin_loads_whole_and_says_so(tmp_path, monkeypatch):
+    config = tiny_config("chatglm2")
+    state = random_official_state(config)
+    zipped = write_official_folder(config, state, tmp_path / "zip", fmt="bin", num_shards=1)
+    legacy = write_official_folder(config, state, tmp_path / "legacy", fmt="bin", num_shards=1)
+    torch.save(state, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    said = []
+    monkeypatch.setattr(checkpoint.logger, "warning", lambda message, *args: said.append(message % args))
+    old = loading.load_model_weights(legacy, device="cpu", dtype=torch.float32)
+    assert len(said) == 1 and "legacy (non-zip) torch.save format" in said[0] and "legacy" in said[0]
+    new = loading.load_model_weights(zipped, device="cpu", dtype=torch.float32)
+    assert len(said) == 1
+    for key, tensor in new.state_dict().items():
+        assert torch.equal(old.state_dict()[key], tensor), key

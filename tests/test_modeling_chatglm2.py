@@ -146,6 +146,71 @@ def test_rope_ratio_scales_the_base(build, golden, padded):
     torch.testing.assert_close(logits, golden["rope_ratio2.padded.logits"], atol=LOGITS_ATOL, rtol=0)
 
 
+def _official_rope_cache(seq_len: int, n_elem: int, rope_ratio: float, mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """The original RotaryEmbedding.forward_impl cache [seq_len, n_elem/2, 2] (cos, sin), written from the two
+    originals: chatglm2-6b-32k divides `seq_idx` by rope_ratio, chatglm3-6b-32k/128k multiply `base` by it."""
+    base = 10000 * (rope_ratio if mode == "base" else 1)
+    theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float) / n_elem))
+    seq_idx = torch.arange(seq_len, dtype=torch.float)
+    if mode == "interpolate":
+        seq_idx = seq_idx / rope_ratio
+    idx_theta = torch.outer(seq_idx, theta).float()
+    cache = torch.stack([torch.cos(idx_theta), torch.sin(idx_theta)], dim=-1)
+    return cache.to(dtype) if dtype in (torch.float16, torch.bfloat16) else cache
+
+
+@pytest.mark.parametrize("mode,rope_ratio", [("interpolate", 16), ("base", 50), ("base", 500), ("interpolate", 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_angles_follow_each_originals_formula(official_config, mode, rope_ratio, dtype):
+    config = ChatGLMConfig(**{**official_config, "rope_ratio": rope_ratio, "rope_scaling_mode": mode})
+    rotary = ChatGLM2ForConditionalGeneration(config).transformer.rotary_pos_emb
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 1, 2, 3, 4, 5], [20000, 25000, 30000, 32767, 5, 6, 7, 9]])
+    cos, sin = rotary(positions, dtype)
+    cache = _official_rope_cache(32768, config.kv_channels // 2, rope_ratio, mode, dtype)[positions]  # the original's rotary_pos_emb[position_ids]
+    assert torch.equal(cos[:, 0], cache[..., 0]) and torch.equal(sin[:, 0], cache[..., 1])
+
+
+def test_rope_modes_differ_and_none_is_the_base_rule(official_config):
+    positions = torch.arange(64)[None]
+    rotary = {
+        mode: ChatGLM2ForConditionalGeneration(
+            ChatGLMConfig(**{**official_config, "rope_ratio": 16, "rope_scaling_mode": mode})
+        ).transformer.rotary_pos_emb(positions, torch.float32)
+        for mode in ("interpolate", "base", None)
+    }
+    assert torch.equal(rotary[None][0], rotary["base"][0])
+    assert not torch.allclose(rotary["interpolate"][0], rotary["base"][0], atol=1e-2)
+    with pytest.raises(ValueError, match="rope_scaling_mode must be one of"):
+        ChatGLMConfig(**{**official_config, "rope_scaling_mode": "yarn"})
+
+
+def test_rope_ratio2_base_rule_matches_official_golden(build, golden, padded):
+    with torch.no_grad():
+        logits = build(rope_ratio=2.0, rope_scaling_mode="base")(**prompt(padded)).logits
+        interpolated = build(rope_ratio=2.0, rope_scaling_mode="interpolate")(**prompt(padded)).logits
+    torch.testing.assert_close(logits, golden["rope_ratio2.padded.logits"], atol=LOGITS_ATOL, rtol=0)
+    assert (interpolated - golden["rope_ratio2.padded.logits"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_interpolation_is_positions_divided_by_rope_ratio_with_cache_and_prefix(build, padded, variant):
+    """chatglm2-6b-32k: every forward (prefill, then cached steps, with or without a prefix) equals the
+    rope_ratio-1 model at the fractional positions p / rope_ratio (the original's seq_idx / rope_ratio)."""
+    ratio = 16
+    model = build(variant, rope_ratio=ratio, rope_scaling_mode="interpolate")
+    reference = build(variant)  # rope_ratio 1: angles are position * theta with base 10000
+    ids, mask, pos = padded["input_ids"], padded["attention_mask"], padded["position_ids"]
+    caches = DynamicCache(config=model.config), DynamicCache(config=reference.config)
+    with torch.no_grad():
+        for step in range(3):
+            got = model(ids, attention_mask=mask, position_ids=pos, cache=caches[0]).logits
+            want = reference(ids, attention_mask=mask, position_ids=pos.float() / ratio, cache=caches[1]).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            ids = got[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(ids)], -1)
+            pos = pos[:, -1:] + 1
+
+
 def test_mask_rules():
     """§4.4: causal + past columns, pad columns blocked, pad rows un-blocked only without a past."""
     pad = torch.tensor([[0, 1, 1]])

@@ -6,13 +6,13 @@ import pytest
 import torch
 from official_layout import random_official_state, tiny_config, tokenizers_dir, write_tiny_checkpoint
 
-import chatglm_ptuning  # noqa: F401
+import chatglm_ptuning
 from chatglm_ptuning import load_model
 from chatglm_ptuning.checkpoint import CheckpointError
 from chatglm_ptuning.loading import load_model_weights
 from chatglm_ptuning.official_format import write_official_folder
 from chatglm_ptuning.quantization import QuantizedLinear, is_quantized_linear_name, quantize, quantize_weight
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 IDS = {"chatglm2": torch.tensor([[64790, 64792, 790, 30951, 517, 30910]]), "chatglm": torch.tensor([[5, 74874, 130001, 130004]])}
 
@@ -111,3 +111,136 @@ def test_requantizing_a_prequantized_folder_is_refused(tmp_path, shared_tokenize
     folder, _ = _official_quantized_folder(tmp_path / "int4", "chatglm2", 4)
     with pytest.raises(CheckpointError, match="already quantized to INT4"):
         load_model(folder, quantization_bit=8, device="cpu")
+
+
+# --------------------------------------------------------------------------------------
+# model.quantize(bits): the official API
+# --------------------------------------------------------------------------------------
+
+FOLDERS = {"chatglm2": "tiny_glm2_dir", "chatglm": "tiny_glm1_dir"}
+
+
+def _original_quantization(weight: torch.Tensor, bits: int, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The originals' QuantizedLinear.__init__, written from their quantization.py: ChatGLM-6B rounds
+    the scale to fp16 (`.half()`) before dividing, ChatGLM2/3 keep the weight's dtype; INT4 packs
+    column 2j into the high nibble (compress_int4_weight). One documented departure: a quotient that
+    rounds past the range (possible only with a bf16 scale: 127.5 / 127 ~ 1 + 2^-8) wraps around to
+    -128 in the original's int8 cast; ours is clamped to the range."""
+    max_q = (2 ** (bits - 1)) - 1
+    scale = weight.abs().max(dim=-1).values / max_q
+    if arch == "chatglm":
+        scale = scale.half()
+    q = torch.round(weight / scale[:, None]).clamp(-max_q, max_q).to(torch.int8)
+    if bits == 4:
+        as_bytes = q.view(torch.uint8)
+        q = ((as_bytes[:, 0::2] << 4) | (as_bytes[:, 1::2] & 0x0F)).view(torch.int8)
+    return q, scale
+
+
+@pytest.mark.parametrize("arch", ["chatglm2", "chatglm"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_official_snippet_half_quantize_chains(request, arch, bits):
+    """`AutoModel.from_pretrained(p).half().quantize(bits)`, as every ChatGLM README does."""
+    folder = request.getfixturevalue(FOLDERS[arch])
+    dense = AutoModel.from_pretrained(folder).half()
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    model = dense.quantize(bits)
+    assert model is dense and model.config.quantization_bit == bits
+    layers = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 4 * model.config.num_layers
+    assert layers == {n for n, _ in dense.named_modules() if is_quantized_linear_name(arch, n)}
+    for name in layers:
+        q, scale = _original_quantization(dense_state[name + ".weight"], bits, arch)
+        state = model.state_dict()
+        assert torch.equal(state[name + ".weight"], q) and torch.equal(state[name + ".weight_scale"], scale), name
+    model.float()  # the quantized model follows later dtype changes: float scales, int8 weights untouched
+    assert model.state_dict()[name + ".weight"].dtype == torch.int8
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    logits, dense_logits = _logits(model, arch), _logits(reference, arch)
+    assert torch.isfinite(logits).all() and not torch.equal(logits, dense_logits)
+    assert (logits - dense_logits).abs().max() < (0.5 if bits == 4 else 0.1) * dense_logits.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["chatglm2", "chatglm"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scales_and_integers_are_the_originals_from_every_dtype(request, arch, bits):
+    """Bit-identical to the original's formulas from an fp32, fp16 and bf16 model; ChatGLM-6B's
+    scales are fp16 whatever the model dtype, ChatGLM2/3's follow the weight."""
+    folder = request.getfixturevalue(FOLDERS[arch])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.quantize(bits)
+        state = model.state_dict()
+        for key, tensor in state.items():
+            if not key.endswith(".weight_scale"):
+                continue
+            name = key.removesuffix(".weight_scale")
+            q, scale = _original_quantization(dense_state[name + ".weight"], bits, arch)
+            assert tensor.dtype == (torch.float16 if arch == "chatglm" else dtype)
+            assert torch.equal(state[name + ".weight"], q) and torch.equal(tensor, scale), (dtype, name)
+
+
+@pytest.mark.parametrize("dtype_change", ["half", "bfloat16", "float"])
+def test_quantize_before_or_after_a_dtype_change(tiny_glm2_dir, dtype_change):
+    before = getattr(AutoModelForCausalLM.from_pretrained(tiny_glm2_dir).quantize(4), dtype_change)()
+    after = getattr(AutoModelForCausalLM.from_pretrained(tiny_glm2_dir), dtype_change)().quantize(4)
+    for model in (before, after):
+        dtype = model.transformer.embedding.word_embeddings.weight.dtype
+        assert dtype == {"half": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32}[dtype_change]
+        with torch.no_grad():
+            assert torch.isfinite(model(IDS["chatglm2"]).logits.float()).all()
+    assert torch.equal(
+        before.state_dict()["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"],
+        AutoModelForCausalLM.from_pretrained(tiny_glm2_dir).quantize(4).state_dict()[
+            "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"
+        ],
+    )
+
+
+@pytest.mark.parametrize("arch", ["chatglm2", "chatglm"])
+def test_quantize_keeps_the_prefix_encoder_trainable_in_fp32(request, arch):
+    """The official P-tuning recipe: from_pretrained(pre_seq_len=...).half().quantize(4), then train the prefix."""
+    folder = request.getfixturevalue(FOLDERS[arch])
+    model = AutoModelForCausalLM.from_pretrained(folder, pre_seq_len=4).half().quantize(4)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("transformer.prefix_encoder.") for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    model.float().train()  # fp16 CPU kernels are not the point here; the prefix stays fp32 either way
+    ids = IDS[arch]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+
+
+def test_quantize_refuses_bad_bits_and_a_second_quantization(tiny_glm2_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_glm2_dir)
+    for bits in (0, 3, 16, "4"):
+        with pytest.raises(ValueError, match="must be 4 or 8"):
+            model.quantize(bits)
+    model.quantize(8)
+    for bits in (8, 4):
+        with pytest.raises(ValueError, match=r"already quantized \(INT8\); quantize\(\) runs once"):
+            model.quantize(bits)
+
+
+@pytest.mark.parametrize("arch", ["chatglm2", "chatglm"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_from_pretrained_quantization_bit_on_a_dense_folder_quantizes(request, arch, bits):
+    folder = request.getfixturevalue(FOLDERS[arch])
+    via_kwarg = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16, quantization_bit=bits)
+    via_method = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).quantize(bits)
+    streamed = load_model_weights(folder, quantization_bit=bits, device="cpu", dtype=torch.float16)
+    assert via_kwarg.config.quantization_bit == bits
+    for model in (via_method, streamed):
+        assert via_kwarg.state_dict().keys() == model.state_dict().keys()
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(via_kwarg.state_dict()[key], tensor), key
+    config = chatglm_ptuning.ChatGLMConfig.from_pretrained(folder, quantization_bit=bits)
+    with_config = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float16)
+    assert torch.equal(_logits(with_config, arch), _logits(via_kwarg, arch))
+
+
+def test_from_pretrained_other_bits_on_a_quantized_folder_is_refused(tmp_path, shared_tokenizers):
+    folder, _ = _official_quantized_folder(tmp_path / "int4", "chatglm2", 4)
+    with pytest.raises(CheckpointError, match="already quantized to INT4; it cannot be loaded as INT8"):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_bit=8)
