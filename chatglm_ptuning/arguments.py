@@ -70,6 +70,14 @@ class ModelArguments:
     chatglm_version: int | None = field(
         default=None, metadata={"help": "2 or 3: which ChatGLM2/ChatGLM3 tokenizer, when the model folder does not say."}
     )
+    rope_scaling_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "How rope_ratio applies (ChatGLM2/3 long-context folders): interpolate (positions / rope_ratio, "
+            "chatglm2-6b-32k) or base (RoPE base x rope_ratio, chatglm3-6b-32k/-128k). Default: decided from the folder.",
+            "choices": ["interpolate", "base"],
+        },
+    )
 
 
 @dataclass

@@ -258,6 +258,7 @@ def _run(
         device=training_args.device,
         dtype=_model_dtype(training_args, method != "full"),
         chatglm_version=model_args.chatglm_version,
+        rope_scaling_mode=model_args.rope_scaling_mode,
         method=method,
         encoder_type=model_args.encoder_type,
         encoder_hidden_size=model_args.encoder_hidden_size,
