@@ -377,7 +377,7 @@ def _offered_tools(chat_model: ChatModel, request: ChatCompletionRequest) -> lis
         return None
     if "system" not in chat_model.family.roles:
         raise RequestError(
-            f"tools: function calling needs a ChatGLM3 model; this server's model is {chat_model.family.name}, "
+            f"tools: function calling needs a ChatGLM3 model; this server's model is {chat_model.family.display_name}, "
             "which was not trained for tool calls",
             "tools",
         )

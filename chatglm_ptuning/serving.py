@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .chat import ChatFamily, History, Response, chat_family
+from .families import Family, History, Response, family_of
 from .checkpoint import SETTINGS_FILE, CheckpointError, PromptSettings
 from .tools import TOOL_SYSTEM_PROMPT
 
@@ -141,7 +141,7 @@ def load_tools(path: str | None, chat_model: ChatModel) -> list[dict[str, Any]] 
     if path is None:
         return None
     if "system" not in chat_model.family.roles:
-        raise ValueError(f"--tools: tool calls need a ChatGLM3 model; the loaded model is {chat_model.family.name}")
+        raise ValueError(f"--tools: tool calls need a ChatGLM3 model; the loaded model is {chat_model.family.display_name}")
     try:
         tools = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -195,15 +195,15 @@ class ChatModel:
 
     model: Any
     tokenizer: Any
-    family: ChatFamily = field(init=False)
+    family: Family = field(init=False)
     context_length: int = field(init=False)
     info: dict[str, str] = field(default_factory=dict)  # "Base model", "Method", "Checkpoint", ... for display
     title: str = ""  # what the pages call the model (default: the family's name)
 
     def __post_init__(self) -> None:
-        self.family = chat_family(self.tokenizer)
+        self.family = family_of(self.tokenizer)
         self.context_length = context_length(self.model.config)
-        self.title = self.title or self.family.name
+        self.title = self.title or self.family.display_name
 
     def prompt_tokens(self, query: str, history: History, role: str = "user") -> int:
         return int(self.family.build_inputs(self.tokenizer, query, history, role)["input_ids"].shape[1])
@@ -273,7 +273,7 @@ class ChatModel:
         watch: GenerationWatch | None = None,
     ) -> Iterator[tuple[Response, History]]:
         """Yield (response so far, history with this turn) as tokens arrive; a ChatGLM3 tool call is
-        a dict (see `chat.parse_chatglm3_response`). `role` is the query's (ChatGLM3: user or observation).
+        a dict (see `families.parse_chatglm3_response`). `role` is the query's (ChatGLM3: user or observation).
 
         Temperature 0 means greedy decoding (sampling needs a positive temperature).
         """
@@ -308,7 +308,7 @@ def _without_oldest_turn(history: History) -> History:
 
 def describe(
     model: Any,
-    family: ChatFamily,
+    family: Family,
     model_name_or_path: str,
     ptuning_checkpoint: str | None,
     quantization_bit: int | None,
@@ -332,7 +332,7 @@ def describe(
     bits = quantization_bit or getattr(config, "quantization_bit", 0)
     return {
         "Base model": str(model_name_or_path),
-        "Family": family.name,
+        "Family": family.display_name,
         "Method": method_text,
         "Checkpoint": str(ptuning_checkpoint) if ptuning_checkpoint else "none",
         "Weights": f"INT{bits}" if bits else str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -344,12 +344,12 @@ def describe(
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
 
 
-def model_title(model_name_or_path: str, family: ChatFamily) -> str:
+def model_title(model_name_or_path: str, family: Family) -> str:
     """The loaded model by name: the embedded default as such, otherwise the base folder's name;
     with the chat template in use (e.g. `chatglm3-6b (ChatGLM3-6B template)`)."""
     path = Path(model_name_or_path)
     name = "Embedded tiny model" if path.resolve() == EMBEDDED_MODEL_DIR else (path.name or str(model_name_or_path))
-    return f"{name} ({family.name} template)"
+    return f"{name} ({family.display_name} template)"
 
 
 def load_chat_model(args: argparse.Namespace) -> ChatModel:

@@ -27,9 +27,13 @@ import re
 from typing import Any
 
 import numpy as np
+import torch
 from sentencepiece import SentencePieceProcessor
 from transformers import BatchEncoding, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy, cached_file
+
+from .families import CHATGLM, CHATGLM2, CHATGLM3, CHATGLM3_ROLES
+from .glm_positions import GLMMarks, glm_attention_mask, glm_position_ids
 
 GLM1_VOCAB_FILE = "ice_text.model"
 GLM2_VOCAB_FILE = "tokenizer.model"
@@ -55,7 +59,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     model_input_names = ["input_ids", "attention_mask", "position_ids"]
     padding_side = "left"
-    chatglm_version: int = 0  # 1, 2 or 3 in the families
+    chatglm_version: int = 0  # each family's `families.Family.version`
     # tokenizer_config.json keys the family rebuilds itself; dropped on save (see `save_pretrained`).
     _derived_config_keys: tuple[str, ...] = ("added_tokens_decoder",)
 
@@ -211,7 +215,7 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
     """
 
     vocab_files_names = {"vocab_file": GLM1_VOCAB_FILE}
-    chatglm_version = 1
+    chatglm_version = CHATGLM.version
     max_blank_length = 80
 
     def __init__(
@@ -339,21 +343,21 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
     ) -> dict:
         """Left-pad one example; when a target length is known, add its GLM mask [1, s, s] and positions [2, s].
 
-        Like the original, masks and positions are built on the unpadded ids, then padded: the mask with
-        True (blocked) on both dims, the positions with 0. `return_attention_mask` is ignored, as there.
+        Like the original, masks and positions are built on the unpadded ids (glm_positions.py, as the
+        model derives them), then padded: the mask with True (blocked) on both dims, the positions with 0.
+        `return_attention_mask` is ignored, as there.
         """
         self._check_left_padding(padding_side)
         ids = encoded_inputs[self.model_input_names[0]]
         length = len(ids)
         max_length = self._padded_length(length, max_length, padding_strategy, pad_to_multiple_of)
         if max_length is not None:
-            context_length = ids.index(self.bos_token_id) if self.bos_token_id in ids else length
+            row = torch.tensor([ids], dtype=torch.long)  # [1, s]
             if "attention_mask" not in encoded_inputs:
-                encoded_inputs["attention_mask"] = glm_block_attention_mask(length, context_length)
+                encoded_inputs["attention_mask"] = glm_attention_mask(row, self.bos_token_id)[0].numpy()  # [1, s, s]
             if "position_ids" not in encoded_inputs:
-                encoded_inputs["position_ids"] = glm_position_ids(
-                    ids, context_length, self.mask_token_id, self.gmask_token_id
-                )
+                marks = GLMMarks(self.bos_token_id, self.mask_token_id, self.gmask_token_id)
+                encoded_inputs["position_ids"] = glm_position_ids(row, marks, mask_before_gmask=True)[0].numpy()  # [2, s]
         if padding_strategy != PaddingStrategy.DO_NOT_PAD and length != max_length:
             difference = max_length - length
             if "attention_mask" in encoded_inputs:
@@ -372,33 +376,6 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
         return encoded_inputs
 
 
-def glm_block_attention_mask(seq_length: int, context_length: int) -> np.ndarray:
-    """ChatGLM-6B mask for one unpadded example: bool [1, s, s], True = blocked.
-
-    The context (everything before `<sop>`) is visible to every row; from `<sop>` on, tokens are causal.
-    """
-    visible = np.tril(np.ones((1, seq_length, seq_length)))
-    visible[:, :, :context_length] = 1
-    return visible < 0.5
-
-
-def glm_position_ids(input_ids: list[int], context_length: int, mask_token_id: int, gmask_token_id: int) -> np.ndarray:
-    """ChatGLM-6B 2D positions for one unpadded example: int64 [2, s].
-
-    Row 0: 0..context_length-1, then the index of [MASK] (or [gMASK]) for every token from `<sop>` on.
-    Row 1 (block positions): 0 over the context, then 1, 2, ... from `<sop>` on.
-    """
-    length = len(input_ids)
-    positions = np.arange(length, dtype=np.int64)
-    mask_id = mask_token_id if mask_token_id in input_ids else gmask_token_id
-    if mask_id in input_ids:
-        positions[context_length:] = input_ids.index(mask_id)
-    block_positions = np.concatenate(
-        [np.zeros(context_length, dtype=np.int64), np.arange(1, length - context_length + 1, dtype=np.int64)]
-    )
-    return np.stack([positions, block_positions], axis=0)
-
-
 class ChatGLM2Tokenizer(ChatGLMTokenizer):
     """ChatGLM2-6B tokenizer (`tokenizer.model`, SentencePiece BPE with byte fallback).
 
@@ -409,7 +386,7 @@ class ChatGLM2Tokenizer(ChatGLMTokenizer):
     """
 
     vocab_files_names = {"vocab_file": GLM2_VOCAB_FILE}
-    chatglm_version = 2
+    chatglm_version = CHATGLM2.version
     SPECIAL_TOKENS: tuple[str, ...] = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
     # The official class hard-codes these (read-only properties, so its __init__ rejects them as keys).
     _derived_config_keys = ("bos_token", "eos_token", "unk_token", "pad_token", "added_tokens_decoder")
@@ -516,8 +493,8 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     With `encode_special_tokens=True`, role-token strings inside text encode to the role ids.
     """
 
-    chatglm_version = 3
-    ROLES = ("system", "user", "assistant", "observation")
+    chatglm_version = CHATGLM3.version
+    ROLES = CHATGLM3_ROLES
     SPECIAL_TOKENS = ChatGLM2Tokenizer.SPECIAL_TOKENS + tuple(f"<|{role}|>" for role in ROLES)
 
     def __init__(self, vocab_file: str, encode_special_tokens: bool = False, **kwargs: Any) -> None:

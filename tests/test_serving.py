@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatglm_ptuning.chat import postprocess_chatglm6b
+from chatglm_ptuning.families import postprocess_chatglm6b
 from chatglm_ptuning.loading import load_model
 from chatglm_ptuning.serving import ChatModel, GenerationWatch, TextDeltas, _without_oldest_turn
 
