@@ -6,7 +6,7 @@
 #   bash web_demo.sh --model_name_or_path /models/chatglm2-6b   # flags only: no defaults filled in
 #
 # Environment: the same as train.sh, plus
-#   CHECKPOINT      prefix checkpoint folder (default: the last complete checkpoint in OUTPUT_DIR)
+#   CHECKPOINT      checkpoint folder, any method (default: the last complete checkpoint in OUTPUT_DIR)
 # Arguments are passed on to `python -m chatglm_ptuning.web_demo` (--host, --port, --share, ...;
 # see --help).
 set -euo pipefail

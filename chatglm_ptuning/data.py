@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .constants import IGNORE_INDEX
 from .families import CHATGLM, CHATGLM2, CHATGLM3, CHATGLM3_ROLES, FAMILIES
-from .head_loss import IGNORE_INDEX
 from .tools import render_tool_call, tools_system_content
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .families import Family, History, Response, family_of
 from .checkpoint import SETTINGS_FILE, CheckpointError, PromptSettings
+from .configuration import ARCH_GLM2
+from .families import FAMILIES, Family, History, Response, family_of
 from .tools import TOOL_SYSTEM_PROMPT
 
 # Display names of PromptSettings.method values (others are shown as they are).
@@ -52,11 +53,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model_name_or_path", help="local ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B folder (required)")
     group.add_argument(
         "--ptuning_checkpoint",
-        help="prefix checkpoint folder: this toolkit's (model.safetensors + ptuning_config.json) or the official "
-        "(pytorch_model.bin + config.json)",
+        help="checkpoint folder (any method: soft prompt, LoRA adapter or full fine-tune): this toolkit's "
+        "(ptuning_config.json beside the weights) or an official P-tuning v2 one (pytorch_model.bin + config.json)",
     )
     group.add_argument(
-        "--pre_seq_len", type=int, help="prefix length; only for checkpoints that do not record it (official ones do)"
+        "--pre_seq_len", type=int, help="virtual tokens (soft prompts); only for checkpoints that do not record it (official ones do)"
     )
     group.add_argument(
         "--prefix_projection",
@@ -77,8 +78,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--chatglm_version",
         type=int,
-        choices=(2, 3),
-        help="ChatGLM2 or ChatGLM3 template for a folder that does not say",
+        choices=[family.version for family in FAMILIES if family.architecture == ARCH_GLM2],
+        help="ChatGLM2 (2) or ChatGLM3 (3) template for a folder that does not say",
     )
 
 

@@ -1,7 +1,8 @@
-"""ChatGLM tokenizers against the official ones (golden outputs), the spec's worked examples,
+"""ChatGLM tokenizers against the official ones (golden outputs), the ids of the chat prompts,
 AutoTokenizer dispatch, left padding and save/load.
 
-The real tokenizer files are read from $CHATGLM_TOKENIZERS_DIR (default: <repo>/../shared/tokenizers).
+The real tokenizer files are read from $CHATGLM_TOKENIZERS_DIR (default: <repo>/../shared/tokenizers;
+they are never copied into this repository).
 tests/golden/tokenizer_cases.json holds what the official tokenization_chatglm.py files returned for
 the same calls (its "_note" says how it was produced).
 """
@@ -152,10 +153,10 @@ def test_chatglm3_chat_input_matches_official(tokenizers):
         assert special.tokenize(case["text"]) == case["tokenize"]
 
 
-# ---- the spec's worked examples (CHATGLM_REFERENCE.md §6) ------------------------------------
+# ---- "你好" as each family's official chat() encodes it ------------------------------------------
 
 
-def test_spec_examples(tokenizers):
+def test_hello_prompt_ids(tokenizers):
     assert tokenizers["chatglm-6b"]("你好")["input_ids"] == [5, 74874, 130001, 130004]
     glm2 = tokenizers["chatglm2-6b"]
     assert glm2(glm2.build_prompt("你好"))["input_ids"] == [
