@@ -47,10 +47,10 @@ from .serving import (
     ChatModel,
     GenerationWatch,
     TextDeltas,
-    add_model_arguments,
     load_or_exit,
     parse_model_arguments,
     response_text,
+    server_parser,
 )
 from .tools import TOOL_SYSTEM_PROMPT, render_tool_call
 
@@ -671,11 +671,7 @@ def default_model_id(model_name_or_path: str, ptuning_checkpoint: str | None) ->
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chatglm_ptuning.api", description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    server.add_argument("--port", type=int, default=8000)
+    parser, server = server_parser("python -m chatglm_ptuning.api", __doc__.split("\n")[0], port=8000)
     server.add_argument("--served_model_name", help="model id in replies and /v1/models (default: <base>+<checkpoint>)")
     server.add_argument("--api_key", help="require 'Authorization: Bearer <key>' on every request")
     server.add_argument(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .configuration import ARCH_GLM1, ARCH_GLM2
@@ -125,12 +125,13 @@ class Family:
     max_length: int  # official chat() defaults (each repository's modeling_chatglm.py: chat)
     top_p: float
     temperature: float
-    roles: tuple[str, ...]  # accepted chat() `role` values
-    build_inputs: Callable[[Any, str, History, str], Any]  # (tokenizer, query, history, role) -> BatchEncoding [1, n]
-    stop_tokens: tuple[str, ...]  # get_command names ending a reply (besides eos)
     finish: Callable[[str, History, str, str], tuple[Response, History]]  # (decoded reply, history, query, role)
-    hold_partial_characters: bool  # stream_chat: wait while the text ends in an incomplete character (U+FFFD)
     sliders: SliderDefaults  # ChatGLM-6B/2: their ptuning/web_demo.py; ChatGLM3-6B: its basic_demo/web_demo.py
+    roles: tuple[str, ...] = ("user",)  # accepted chat() `role` values
+    # (tokenizer, query, history, role) -> BatchEncoding [1, n]: default, the tokenizer's build_prompt text
+    build_inputs: Callable[[Any, str, History, str], Any] = _round_prompt_inputs
+    stop_tokens: tuple[str, ...] = ()  # get_command names ending a reply (besides eos)
+    hold_partial_characters: bool = True  # stream_chat: wait while the text ends in an incomplete character (U+FFFD)
     metadata_line: bool = False  # replies open with a metadata line (a tool name or ""): stream_chat waits for it
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
@@ -138,49 +139,39 @@ class Family:
 
 
 CHATGLM = Family(
-    name="chatglm",
-    display_name="ChatGLM-6B",
+    "chatglm",
+    "ChatGLM-6B",
     version=1,
     architecture=ARCH_GLM1,
     max_length=2048,
     top_p=0.7,
     temperature=0.95,
-    roles=("user",),
-    build_inputs=_round_prompt_inputs,
-    stop_tokens=(),
     finish=_pairs_finish(postprocess_chatglm6b),
-    hold_partial_characters=False,
     sliders=SliderDefaults(4096, 2048, 0.7, 0.95),
+    hold_partial_characters=False,
 )
 CHATGLM2 = Family(
-    name="chatglm2",
-    display_name="ChatGLM2-6B",
+    "chatglm2",
+    "ChatGLM2-6B",
     version=2,
     architecture=ARCH_GLM2,
     max_length=8192,
     top_p=0.8,
     temperature=0.8,
-    roles=("user",),
-    build_inputs=_round_prompt_inputs,
-    stop_tokens=(),
     finish=_pairs_finish(postprocess_chatglm2),
-    hold_partial_characters=True,
     sliders=SliderDefaults(32768, 8192, 0.8, 0.95),
 )
-CHATGLM3 = Family(
+# ChatGLM3-6B: the ChatGLM2 model and chat() defaults, role tokens, tool calls, its own demo defaults.
+CHATGLM3 = replace(
+    CHATGLM2,
     name="chatglm3",
     display_name="ChatGLM3-6B",
     version=3,
-    architecture=ARCH_GLM2,
-    max_length=8192,
-    top_p=0.8,
-    temperature=0.8,
+    finish=_chatglm3_finish,
+    sliders=SliderDefaults(32768, 8192, 0.8, 0.6),
     roles=CHATGLM3_ROLES,
     build_inputs=_chatglm3_inputs,
     stop_tokens=("<|user|>", "<|observation|>"),
-    finish=_chatglm3_finish,
-    hold_partial_characters=True,
-    sliders=SliderDefaults(32768, 8192, 0.8, 0.6),
     metadata_line=True,
 )
 FAMILIES: tuple[Family, ...] = (CHATGLM, CHATGLM2, CHATGLM3)

@@ -83,6 +83,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def server_parser(prog: str, description: str, port: int) -> tuple[argparse.ArgumentParser, Any]:
+    """A server front end's parser and its "server" group: the model flags, --host (127.0.0.1) and --port."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_model_arguments(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=port)
+    return parser, server
+
+
 def parse_model_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse; without --model_name_or_path, say how to get the default model served."""
     args = parser.parse_args(argv)

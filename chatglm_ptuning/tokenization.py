@@ -185,23 +185,37 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     # ---- padding ----------------------------------------------------------------------------
 
-    def _check_left_padding(self, padding_side: str | None) -> None:
+    def _pad(
+        self,
+        encoded_inputs: dict[str, Any] | BatchEncoding,
+        max_length: int | None = None,
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+    ) -> dict:
+        """transformers' per-example padding hook: left-pad one example to its target length.
+
+        The family's `_pad_left` adds its attention mask and positions; `return_attention_mask` is
+        ignored, as in the originals.
+        """
         side = padding_side or self.padding_side
         if side != "left":
             raise ValueError(
                 f"{type(self).__name__} pads on the left only (the official tokenizer asserts it and the ChatGLM "
                 f"masks/positions assume it); got padding_side={side!r}"
             )
-
-    @staticmethod
-    def _padded_length(
-        length: int, max_length: int | None, strategy: PaddingStrategy, multiple: int | None
-    ) -> int | None:
-        if strategy == PaddingStrategy.LONGEST:
+        length = len(encoded_inputs[self.model_input_names[0]])
+        if padding_strategy == PaddingStrategy.LONGEST:
             max_length = length
-        if max_length is not None and multiple is not None and max_length % multiple:
-            max_length = (max_length // multiple + 1) * multiple
-        return max_length
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+        padding = max_length - length if padding_strategy != PaddingStrategy.DO_NOT_PAD and max_length is not None else 0
+        return self._pad_left(encoded_inputs, max_length, padding)
+
+    def _pad_left(self, encoded_inputs: dict[str, Any], max_length: int | None, padding: int) -> dict:
+        """Add the family's mask and positions to one example, then put `padding` pads before it."""
+        raise NotImplementedError
 
 
 class ChatGLM6BTokenizer(ChatGLMTokenizer):
@@ -332,25 +346,13 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
             ids = ids + token_ids_1 + [self.eos_token_id]
         return ids
 
-    def _pad(
-        self,
-        encoded_inputs: dict[str, Any] | BatchEncoding,
-        max_length: int | None = None,
-        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-    ) -> dict:
-        """Left-pad one example; when a target length is known, add its GLM mask [1, s, s] and positions [2, s].
+    def _pad_left(self, encoded_inputs: dict[str, Any], max_length: int | None, padding: int) -> dict:
+        """When a target length is known, add the GLM mask [1, s, s] and positions [2, s].
 
         Like the original, masks and positions are built on the unpadded ids (glm_positions.py, as the
         model derives them), then padded: the mask with True (blocked) on both dims, the positions with 0.
-        `return_attention_mask` is ignored, as there.
         """
-        self._check_left_padding(padding_side)
         ids = encoded_inputs[self.model_input_names[0]]
-        length = len(ids)
-        max_length = self._padded_length(length, max_length, padding_strategy, pad_to_multiple_of)
         if max_length is not None:
             row = torch.tensor([ids], dtype=torch.long)  # [1, s]
             if "attention_mask" not in encoded_inputs:
@@ -358,21 +360,20 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
             if "position_ids" not in encoded_inputs:
                 marks = GLMMarks(self.bos_token_id, self.mask_token_id, self.gmask_token_id)
                 encoded_inputs["position_ids"] = glm_position_ids(row, marks, mask_before_gmask=True)[0].numpy()  # [2, s]
-        if padding_strategy != PaddingStrategy.DO_NOT_PAD and length != max_length:
-            difference = max_length - length
+        if padding:
             if "attention_mask" in encoded_inputs:
                 encoded_inputs["attention_mask"] = np.pad(
-                    encoded_inputs["attention_mask"], [(0, 0), (difference, 0), (difference, 0)], constant_values=True
+                    encoded_inputs["attention_mask"], [(0, 0), (padding, 0), (padding, 0)], constant_values=True
                 )
             if "token_type_ids" in encoded_inputs:
-                encoded_inputs["token_type_ids"] = [self.pad_token_type_id] * difference + encoded_inputs[
+                encoded_inputs["token_type_ids"] = [self.pad_token_type_id] * padding + encoded_inputs[
                     "token_type_ids"
                 ]
             if "special_tokens_mask" in encoded_inputs:
-                encoded_inputs["special_tokens_mask"] = [1] * difference + encoded_inputs["special_tokens_mask"]
+                encoded_inputs["special_tokens_mask"] = [1] * padding + encoded_inputs["special_tokens_mask"]
             if "position_ids" in encoded_inputs:
-                encoded_inputs["position_ids"] = np.pad(encoded_inputs["position_ids"], [(0, 0), (difference, 0)])
-            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * difference + ids
+                encoded_inputs["position_ids"] = np.pad(encoded_inputs["position_ids"], [(0, 0), (padding, 0)])
+            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * padding + ids
         return encoded_inputs
 
 
@@ -462,27 +463,16 @@ class ChatGLM2Tokenizer(ChatGLMTokenizer):
             ids = ids + token_ids_1 + [self.eos_token_id]
         return ids
 
-    def _pad(
-        self,
-        encoded_inputs: dict[str, Any] | BatchEncoding,
-        max_length: int | None = None,
-        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-    ) -> dict:
-        """Left-pad one example; always add a 1/0 attention mask and positions 0..n-1 (pads: 0, 0, id 0)."""
-        self._check_left_padding(padding_side)
+    def _pad_left(self, encoded_inputs: dict[str, Any], max_length: int | None, padding: int) -> dict:
+        """Always add a 1/0 attention mask and positions 0..n-1 (pads: 0, 0, id 0)."""
         ids = encoded_inputs[self.model_input_names[0]]
         length = len(ids)
-        max_length = self._padded_length(length, max_length, padding_strategy, pad_to_multiple_of)
         encoded_inputs.setdefault("attention_mask", [1] * length)
         encoded_inputs.setdefault("position_ids", list(range(length)))
-        if padding_strategy != PaddingStrategy.DO_NOT_PAD and length != max_length:
-            difference = max_length - length
-            encoded_inputs["attention_mask"] = [0] * difference + list(encoded_inputs["attention_mask"])
-            encoded_inputs["position_ids"] = [0] * difference + list(encoded_inputs["position_ids"])
-            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * difference + ids
+        if padding:
+            encoded_inputs["attention_mask"] = [0] * padding + list(encoded_inputs["attention_mask"])
+            encoded_inputs["position_ids"] = [0] * padding + list(encoded_inputs["position_ids"])
+            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * padding + ids
         return encoded_inputs
 
 

@@ -24,7 +24,6 @@ from typing import Any
 from .serving import (
     ChatModel,
     GenerationWatch,
-    add_model_arguments,
     add_tools_argument,
     exit_on_user_error,
     is_tool_call,
@@ -32,6 +31,7 @@ from .serving import (
     load_tools,
     parse_model_arguments,
     response_text,
+    server_parser,
     tools_history,
 )
 
@@ -224,11 +224,7 @@ def build_demo(chat_model: ChatModel, tools: list[dict] | None = None) -> gr.Blo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chatglm_ptuning.web_demo", description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    server.add_argument("--port", type=int, default=7860)
+    parser, server = server_parser("python -m chatglm_ptuning.web_demo", __doc__.split("\n")[0], port=7860)
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
     server.add_argument(
         "--concurrency", type=int, default=1, help="generations running at once; the rest wait in the queue"
