@@ -539,17 +539,17 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
 
 def _family_class(has_glm1: bool, has_glm2: bool, version: int | None) -> type[ChatGLMTokenizer]:
     """Pick the family from the vocabulary files present and an optional explicit version (1, 2 or 3)."""
-    version = None if version is None else int(version)
-    if version not in (None, 1, 2, 3):
+    classes = {cls.chatglm_version: cls for cls in (ChatGLM6BTokenizer, ChatGLM2Tokenizer, ChatGLM3Tokenizer)}
+    if version is None:
+        version = CHATGLM.version if has_glm1 else CHATGLM2.version
+    family = classes.get(int(version))
+    if family is None:
         raise ValueError(f"chatglm_version must be 1, 2 or 3, found {version!r}")
-    if has_glm1 and version in (None, 1):
-        return ChatGLM6BTokenizer
-    if has_glm2 and version in (None, 2, 3):
-        return ChatGLM3Tokenizer if version == 3 else ChatGLM2Tokenizer
-    found = GLM1_VOCAB_FILE if has_glm1 else GLM2_VOCAB_FILE if has_glm2 else "neither"
-    raise OSError(
-        f"chatglm_version={version} needs {GLM1_VOCAB_FILE if version == 1 else GLM2_VOCAB_FILE}; found {found}"
-    )
+    needed = family.vocab_files_names["vocab_file"]
+    if not (has_glm1 if needed == GLM1_VOCAB_FILE else has_glm2):
+        found = GLM1_VOCAB_FILE if has_glm1 else GLM2_VOCAB_FILE if has_glm2 else "neither"
+        raise OSError(f"chatglm_version={version} needs {needed}; found {found}")
+    return family
 
 
 def _family_for_folder(path: str, kwargs: dict[str, Any]) -> type[ChatGLMTokenizer]:
@@ -581,7 +581,8 @@ def _family_for_folder(path: str, kwargs: dict[str, Any]) -> type[ChatGLMTokeniz
         version = tokenizer_config.get("chatglm_version")
         if version is None:
             names = (tokenizer_config.get("name_or_path"), read_json("config.json").get("_name_or_path"))
-            version = 3 if any("chatglm3" in str(name).lower() for name in names if name) else 2
+            named_glm3 = any(CHATGLM3.name in str(name).lower() for name in names if name)
+            version = CHATGLM3.version if named_glm3 else CHATGLM2.version
     family = _family_class(has_glm1, has_glm2, version)
     kwargs["chatglm_version"] = family.chatglm_version
     return family
