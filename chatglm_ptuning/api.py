@@ -375,7 +375,7 @@ def _offered_tools(chat_model: ChatModel, request: ChatCompletionRequest) -> lis
         )
     if request.tools is None:
         return None
-    if "system" not in chat_model.family.roles:
+    if not chat_model.family.tool_calls:
         raise RequestError(
             f"tools: function calling needs a ChatGLM3 model; this server's model is {chat_model.family.display_name}, "
             "which was not trained for tool calls",
@@ -388,7 +388,7 @@ def _offered_tools(chat_model: ChatModel, request: ChatCompletionRequest) -> lis
 
 def _plan(chat_model: ChatModel, request: ChatCompletionRequest, limits: ServerLimits) -> Completion:
     tools = _offered_tools(chat_model, request)
-    turn = conversation(request.messages, "system" in chat_model.family.roles, tools)
+    turn = conversation(request.messages, chat_model.family.tool_calls, tools)
     asked = request.max_completion_tokens or request.max_tokens
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > limits.max_tokens:

@@ -157,9 +157,9 @@ class ChatMixin:
     ) -> tuple[Response, History]:
         """One chat turn: returns (response, history including this turn).
 
-        Defaults (None) are the family's official ones: ChatGLM-6B max_length 2048, top_p 0.7,
-        temperature 0.95; ChatGLM2/3 8192, 0.8, 0.8. `max_length` counts the prompt. `role` is for
-        ChatGLM3 (user, system, observation, assistant). `history` is not modified.
+        Defaults (None) are the family's official ones (`families.Family`: max_length, top_p,
+        temperature). `max_length` counts the prompt. `role` is for ChatGLM3 (user, system,
+        observation, assistant). `history` is not modified.
         """
         options = GenerationOptions(max_length, num_beams, do_sample, top_p, temperature, logits_processor, gen_kwargs)
         family, history, inputs, kwargs = self._chat_request(tokenizer, query, history, role, options)

@@ -134,6 +134,11 @@ class Family:
     hold_partial_characters: bool = True  # stream_chat: wait while the text ends in an incomplete character (U+FFFD)
     metadata_line: bool = False  # replies open with a metadata line (a tool name or ""): stream_chat waits for it
 
+    @property
+    def tool_calls(self) -> bool:
+        """Role-message history (a system message carrying tools, observations) and tool-call replies."""
+        return "system" in self.roles
+
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         return [tokenizer.eos_token_id] + [tokenizer.get_command(token) for token in self.stop_tokens]
 

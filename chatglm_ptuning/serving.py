@@ -151,7 +151,7 @@ def load_tools(path: str | None, chat_model: ChatModel) -> list[dict[str, Any]] 
     naming the file for anything else, or when the model is not ChatGLM3."""
     if path is None:
         return None
-    if "system" not in chat_model.family.roles:
+    if not chat_model.family.tool_calls:
         raise ValueError(f"--tools: tool calls need a ChatGLM3 model; the loaded model is {chat_model.family.display_name}")
     try:
         tools = json.loads(Path(path).read_text(encoding="utf-8"))
