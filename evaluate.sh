@@ -6,7 +6,7 @@
 #   MODEL_PATH=/models/chatglm2-6b CHECKPOINT=output/adgen-chatglm2-6b-pt-128-2e-2/checkpoint-3000 bash evaluate.sh
 #
 # Environment: the same as train.sh, plus
-#   CHECKPOINT      prefix checkpoint folder (default: the last complete checkpoint in OUTPUT_DIR, which
+#   CHECKPOINT      checkpoint folder, any method (default: the last complete checkpoint in OUTPUT_DIR, which
 #                   holds only the checkpoints of the last train.sh run there)
 #   TEST_FILE       (default: VALIDATION_FILE)   EVAL_BATCH_SIZE (8)   DO_SAMPLE (True; False = greedy, deterministic)
 # Results: OUTPUT_DIR/generated_predictions.txt and OUTPUT_DIR/predict_results.json.

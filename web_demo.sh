@@ -6,7 +6,7 @@
 #   bash web_demo.sh --model_name_or_path /models/chatglm2-6b   # flags only: no defaults filled in
 #
 # Environment: the same as train.sh, plus
-#   CHECKPOINT      prefix checkpoint folder (default: the last complete checkpoint in OUTPUT_DIR, which
+#   CHECKPOINT      checkpoint folder, any method (default: the last complete checkpoint in OUTPUT_DIR, which
 #                   holds only the checkpoints of the last train.sh run there)
 # Arguments are passed on to `python -m chatglm_ptuning.web_demo` (--host, --port, --share, ...;
 # see --help).

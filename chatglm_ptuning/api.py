@@ -47,10 +47,10 @@ from .serving import (
     ChatModel,
     GenerationWatch,
     TextDeltas,
-    add_model_arguments,
     load_or_exit,
     parse_model_arguments,
     response_text,
+    server_parser,
 )
 from .tools import TOOL_SYSTEM_PROMPT, render_tool_call
 
@@ -375,9 +375,9 @@ def _offered_tools(chat_model: ChatModel, request: ChatCompletionRequest) -> lis
         )
     if request.tools is None:
         return None
-    if "system" not in chat_model.family.roles:
+    if not chat_model.family.tool_calls:
         raise RequestError(
-            f"tools: function calling needs a ChatGLM3 model; this server's model is {chat_model.family.name}, "
+            f"tools: function calling needs a ChatGLM3 model; this server's model is {chat_model.family.display_name}, "
             "which was not trained for tool calls",
             "tools",
         )
@@ -388,7 +388,7 @@ def _offered_tools(chat_model: ChatModel, request: ChatCompletionRequest) -> lis
 
 def _plan(chat_model: ChatModel, request: ChatCompletionRequest, limits: ServerLimits) -> Completion:
     tools = _offered_tools(chat_model, request)
-    turn = conversation(request.messages, "system" in chat_model.family.roles, tools)
+    turn = conversation(request.messages, chat_model.family.tool_calls, tools)
     asked = request.max_completion_tokens or request.max_tokens
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > limits.max_tokens:
@@ -671,11 +671,7 @@ def default_model_id(model_name_or_path: str, ptuning_checkpoint: str | None) ->
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chatglm_ptuning.api", description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    server.add_argument("--port", type=int, default=8000)
+    parser, server = server_parser("python -m chatglm_ptuning.api", __doc__.split("\n")[0], port=8000)
     server.add_argument("--served_model_name", help="model id in replies and /v1/models (default: <base>+<checkpoint>)")
     server.add_argument("--api_key", help="require 'Authorization: Bearer <key>' on every request")
     server.add_argument(

@@ -44,7 +44,7 @@ def chat_loop(
     """Read queries with `read(prompt)` until an exit command or EOF; stream replies to `out`.
     With `tools` (ChatGLM3) a tool call is printed as a call and the next input is its result."""
     max_length = chat_model.capped_max_length(max_length)
-    name = chat_model.family.name
+    name = chat_model.family.display_name
 
     def say(text: str = "", end: str = "\n") -> None:
         out.write(text + end)

@@ -57,19 +57,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .constants import IGNORE_INDEX
+from .families import CHATGLM, CHATGLM2, CHATGLM3, CHATGLM3_ROLES, FAMILIES
 from .tools import render_tool_call, tools_system_content
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-FAMILY_GLM1 = "chatglm"  # ChatGLM-6B (ice_text.model)
-FAMILY_GLM2 = "chatglm2"  # ChatGLM2-6B
-FAMILY_GLM3 = "chatglm3"  # ChatGLM3-6B (ChatGLM2 architecture, role tokens)
+FAMILY_GLM1, FAMILY_GLM2, FAMILY_GLM3 = CHATGLM.name, CHATGLM2.name, CHATGLM3.name  # "chatglm", "chatglm2", "chatglm3"
 CONVERSATIONS_FORMAT = "conversations"
 CONVERSATIONS_KEY = "conversations"
 TOOLS_KEY = "tools"
 TOOL_ROLE = "tool"  # not a ChatGLM3 role: a function call and its observation in one message
-ROLES = ("system", "user", "assistant", "observation", TOOL_ROLE)
+ROLES = (*CHATGLM3_ROLES, TOOL_ROLE)
 
 
 class DataArgs(Protocol):
@@ -388,7 +387,7 @@ def load_rows(path: str | Path, args: DataArgs, family: str | None = None) -> Lo
 # ------------------------------------------------------------------------------ tokenization
 
 
-_FAMILY_BY_VERSION = {1: FAMILY_GLM1, 2: FAMILY_GLM2, 3: FAMILY_GLM3}
+_FAMILY_BY_VERSION = {family.version: family.name for family in FAMILIES}
 
 
 def tokenizer_family(tokenizer: Any) -> str:

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import IGNORE_INDEX
 from .linear import BlockedLinear
 
-IGNORE_INDEX = -100
 CHUNK_LOGIT_ELEMENTS = 2**23  # one chunk's fp32 logits, 32 MiB: 129 rows of 65024, 64 of 130528
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Position t predicts label t+1: labels [b, s] -> [b, s] with -100 in the last column."""
+    """Position t predicts label t+1: labels [b, s] -> [b, s] with IGNORE_INDEX in the last column."""
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
 
 
@@ -84,7 +84,7 @@ def loss_divisor(targets: torch.Tensor, num_items_in_batch: torch.Tensor | int |
 
 
 def fused_head_loss(head: nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
-    """The summed next-token loss (fp32, ignore_index -100) over `divisor`, from hidden states [b, s, H]
+    """The summed next-token loss (fp32, IGNORE_INDEX labels skipped) over `divisor`, from hidden states [b, s, H]
     and shifted labels [b, s], without the full logits (check `can_fuse` first)."""
     keep = targets != IGNORE_INDEX
     return _ChunkedHeadLoss.apply(hidden_states[keep], targets[keep], head, divisor).to(hidden_states.dtype)

@@ -107,7 +107,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
             "load the dense base model (no quantization_bit) with the adapter and merge that"
         )
     return model.merge_and_unload()
-
-
-def is_lora_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")

@@ -47,6 +47,7 @@ import numpy as np
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
+from .constants import IGNORE_INDEX
 from .tools import parse_call_text
 
 # jieba logs "Building prefix dict ..." at DEBUG on its first use; keep runs quiet.
@@ -175,8 +176,8 @@ def build_trainer_metrics(tokenizer: Any, ignore_pad_token_for_loss: bool = True
 
     ``eval_preds`` is an ``EvalPrediction`` or a ``(predictions, label_ids)`` pair of int
     arrays ``[n, len]`` (generated ids when ``predict_with_generate``). As in the reference,
-    both sides are decoded with ``skip_special_tokens=True`` after replacing -100 (the loss
-    ignore index) with the pad id in the labels; -100 in the predictions (the Trainer pads
+    both sides are decoded with ``skip_special_tokens=True`` after replacing IGNORE_INDEX (-100,
+    the loss ignore index) with the pad id in the labels; IGNORE_INDEX in the predictions (the Trainer pads
     batches of unequal length with it) is replaced too, where the reference would fail.
     """
     pad_id = tokenizer.pad_token_id
@@ -185,10 +186,10 @@ def build_trainer_metrics(tokenizer: Any, ignore_pad_token_for_loss: bool = True
         predictions, label_ids = eval_preds[0], eval_preds[1]
         if isinstance(predictions, tuple):
             predictions = predictions[0]
-        predictions = np.where(np.asarray(predictions) != -100, predictions, pad_id)
+        predictions = np.where(np.asarray(predictions) != IGNORE_INDEX, predictions, pad_id)
         label_ids = np.asarray(label_ids)
         if ignore_pad_token_for_loss:
-            label_ids = np.where(label_ids != -100, label_ids, pad_id)
+            label_ids = np.where(label_ids != IGNORE_INDEX, label_ids, pad_id)
         decoded_predictions = tokenizer.batch_decode(predictions.tolist(), skip_special_tokens=True)
         decoded_labels = tokenizer.batch_decode(label_ids.tolist(), skip_special_tokens=True)
         return compute_metrics(decoded_predictions, decoded_labels)

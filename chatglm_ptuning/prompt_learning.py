@@ -71,7 +71,7 @@ class SoftPromptModule(nn.Module):
 
 
 class PrefixEncoder(SoftPromptModule):
-    """Maps virtual-token ids to the flattened keys/values of every layer.
+    """The flattened keys/values of every layer for P virtual tokens.
 
     Without projection: `Embedding(P, K)`. With projection (MLP reparameterisation):
     `Embedding(P, E) -> Linear(E, H) -> Tanh -> Linear(H, K)`, where E is the hidden size for
@@ -80,7 +80,7 @@ class PrefixEncoder(SoftPromptModule):
     Prefix-Tuning uses the projected form with an embedding of the hidden size H for both
     families and an MLP width of its own (`prompt_encoder_hidden_size`).
 
-    Input: ids [b, P] (long). Output: [b, P, K].
+    forward() -> [P, K].
     """
 
     def __init__(self, pre_seq_len: int, kv_size: int, hidden_size: int, prefix_projection: bool, embedding_size: int):
@@ -103,13 +103,10 @@ class PrefixEncoder(SoftPromptModule):
         embedding_size = config.hidden_size if config.architecture == ARCH_GLM1 else kv_size
         return cls(config.pre_seq_len, kv_size, config.hidden_size, config.prefix_projection, embedding_size)
 
-    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
-        embedded = self.embedding(prefix)
-        return self.trans(embedded) if self.prefix_projection else embedded
-
-    def all_positions(self) -> torch.Tensor:
-        """`forward(arange(P))` without the lookup: [P, K]. Unprojected, that is the table itself, so
-        neither a copy of it ([P, K] is 117 MB for ChatGLM-6B) nor an embedding backward is made."""
+    def forward(self) -> torch.Tensor:
+        """The keys/values of all P positions: [P, K]. The original looked up `arange(P)` per row; the
+        table is used as it is, so neither a copy ([P, K] is 117 MB for ChatGLM-6B) nor an embedding
+        backward is made, and the batch rows share one encoder run."""
         table = self.embedding.weight
         return self.trans(table) if self.prefix_projection else table
 
@@ -243,7 +240,7 @@ def prefix_key_values(
     value), as in the original. Returns, per layer, key and value of shape [b, N, P, D], already
     cast to the activation dtype and passed through the prefix dropout (`keys` [b]: see PrefixDropout).
     """
-    flat = encoder.all_positions().to(dtype)  # [P, K]; one encoder run shared by every row
+    flat = encoder().to(dtype)  # [P, K]; one encoder run shared by every row
     pre_seq_len = flat.shape[0]
     # [P, K] -> [b, P, 2L, N, D]; dropout draws a fresh mask per row, as the original's does
     expanded = flat.view(1, pre_seq_len, 2 * num_layers, num_kv_heads, head_dim).expand(batch_size, -1, -1, -1, -1)

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .chat import ChatFamily, History, Response, chat_family
 from .checkpoint import SETTINGS_FILE, CheckpointError, PromptSettings
+from .configuration import ARCH_GLM2
+from .families import FAMILIES, Family, History, Response, family_of
 from .tools import TOOL_SYSTEM_PROMPT
 
 # Display names of PromptSettings.method values (others are shown as they are).
@@ -52,11 +53,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model_name_or_path", help="local ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B folder (required)")
     group.add_argument(
         "--ptuning_checkpoint",
-        help="prefix checkpoint folder: this toolkit's (model.safetensors + ptuning_config.json) or the official "
-        "(pytorch_model.bin + config.json)",
+        help="checkpoint folder (any method: soft prompt, LoRA adapter or full fine-tune): this toolkit's "
+        "(ptuning_config.json beside the weights) or an official P-tuning v2 one (pytorch_model.bin + config.json)",
     )
     group.add_argument(
-        "--pre_seq_len", type=int, help="prefix length; only for checkpoints that do not record it (official ones do)"
+        "--pre_seq_len", type=int, help="virtual tokens (soft prompts); only for checkpoints that do not record it (official ones do)"
     )
     group.add_argument(
         "--prefix_projection",
@@ -77,9 +78,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--chatglm_version",
         type=int,
-        choices=(2, 3),
-        help="ChatGLM2 or ChatGLM3 template for a folder that does not say",
+        choices=[family.version for family in FAMILIES if family.architecture == ARCH_GLM2],
+        help="ChatGLM2 (2) or ChatGLM3 (3) template for a folder that does not say",
     )
+
+
+def server_parser(prog: str, description: str, port: int) -> tuple[argparse.ArgumentParser, Any]:
+    """A server front end's parser and its "server" group: the model flags, --host (127.0.0.1) and --port."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_model_arguments(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=port)
+    return parser, server
 
 
 def parse_model_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -140,8 +151,8 @@ def load_tools(path: str | None, chat_model: ChatModel) -> list[dict[str, Any]] 
     naming the file for anything else, or when the model is not ChatGLM3."""
     if path is None:
         return None
-    if "system" not in chat_model.family.roles:
-        raise ValueError(f"--tools: tool calls need a ChatGLM3 model; the loaded model is {chat_model.family.name}")
+    if not chat_model.family.tool_calls:
+        raise ValueError(f"--tools: tool calls need a ChatGLM3 model; the loaded model is {chat_model.family.display_name}")
     try:
         tools = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -195,15 +206,15 @@ class ChatModel:
 
     model: Any
     tokenizer: Any
-    family: ChatFamily = field(init=False)
+    family: Family = field(init=False)
     context_length: int = field(init=False)
     info: dict[str, str] = field(default_factory=dict)  # "Base model", "Method", "Checkpoint", ... for display
     title: str = ""  # what the pages call the model (default: the family's name)
 
     def __post_init__(self) -> None:
-        self.family = chat_family(self.tokenizer)
+        self.family = family_of(self.tokenizer)
         self.context_length = context_length(self.model.config)
-        self.title = self.title or self.family.name
+        self.title = self.title or self.family.display_name
 
     def prompt_tokens(self, query: str, history: History, role: str = "user") -> int:
         return int(self.family.build_inputs(self.tokenizer, query, history, role)["input_ids"].shape[1])
@@ -273,7 +284,7 @@ class ChatModel:
         watch: GenerationWatch | None = None,
     ) -> Iterator[tuple[Response, History]]:
         """Yield (response so far, history with this turn) as tokens arrive; a ChatGLM3 tool call is
-        a dict (see `chat.parse_chatglm3_response`). `role` is the query's (ChatGLM3: user or observation).
+        a dict (see `families.parse_chatglm3_response`). `role` is the query's (ChatGLM3: user or observation).
 
         Temperature 0 means greedy decoding (sampling needs a positive temperature).
         """
@@ -308,7 +319,7 @@ def _without_oldest_turn(history: History) -> History:
 
 def describe(
     model: Any,
-    family: ChatFamily,
+    family: Family,
     model_name_or_path: str,
     ptuning_checkpoint: str | None,
     quantization_bit: int | None,
@@ -332,7 +343,7 @@ def describe(
     bits = quantization_bit or getattr(config, "quantization_bit", 0)
     return {
         "Base model": str(model_name_or_path),
-        "Family": family.name,
+        "Family": family.display_name,
         "Method": method_text,
         "Checkpoint": str(ptuning_checkpoint) if ptuning_checkpoint else "none",
         "Weights": f"INT{bits}" if bits else str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -344,12 +355,12 @@ def describe(
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
 
 
-def model_title(model_name_or_path: str, family: ChatFamily) -> str:
+def model_title(model_name_or_path: str, family: Family) -> str:
     """The loaded model by name: the embedded default as such, otherwise the base folder's name;
     with the chat template in use (e.g. `chatglm3-6b (ChatGLM3-6B template)`)."""
     path = Path(model_name_or_path)
     name = "Embedded tiny model" if path.resolve() == EMBEDDED_MODEL_DIR else (path.name or str(model_name_or_path))
-    return f"{name} ({family.name} template)"
+    return f"{name} ({family.display_name} template)"
 
 
 def load_chat_model(args: argparse.Namespace) -> ChatModel:

@@ -27,9 +27,13 @@ import re
 from typing import Any
 
 import numpy as np
+import torch
 from sentencepiece import SentencePieceProcessor
 from transformers import BatchEncoding, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy, cached_file
+
+from .families import CHATGLM, CHATGLM2, CHATGLM3, CHATGLM3_ROLES
+from .glm_positions import GLMMarks, glm_attention_mask, glm_position_ids
 
 GLM1_VOCAB_FILE = "ice_text.model"
 GLM2_VOCAB_FILE = "tokenizer.model"
@@ -55,7 +59,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     model_input_names = ["input_ids", "attention_mask", "position_ids"]
     padding_side = "left"
-    chatglm_version: int = 0  # 1, 2 or 3 in the families
+    chatglm_version: int = 0  # each family's `families.Family.version`
     # tokenizer_config.json keys the family rebuilds itself; dropped on save (see `save_pretrained`).
     _derived_config_keys: tuple[str, ...] = ("added_tokens_decoder",)
 
@@ -181,23 +185,37 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     # ---- padding ----------------------------------------------------------------------------
 
-    def _check_left_padding(self, padding_side: str | None) -> None:
+    def _pad(
+        self,
+        encoded_inputs: dict[str, Any] | BatchEncoding,
+        max_length: int | None = None,
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+    ) -> dict:
+        """transformers' per-example padding hook: left-pad one example to its target length.
+
+        The family's `_pad_left` adds its attention mask and positions; `return_attention_mask` is
+        ignored, as in the originals.
+        """
         side = padding_side or self.padding_side
         if side != "left":
             raise ValueError(
                 f"{type(self).__name__} pads on the left only (the official tokenizer asserts it and the ChatGLM "
                 f"masks/positions assume it); got padding_side={side!r}"
             )
-
-    @staticmethod
-    def _padded_length(
-        length: int, max_length: int | None, strategy: PaddingStrategy, multiple: int | None
-    ) -> int | None:
-        if strategy == PaddingStrategy.LONGEST:
+        length = len(encoded_inputs[self.model_input_names[0]])
+        if padding_strategy == PaddingStrategy.LONGEST:
             max_length = length
-        if max_length is not None and multiple is not None and max_length % multiple:
-            max_length = (max_length // multiple + 1) * multiple
-        return max_length
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+        padding = max_length - length if padding_strategy != PaddingStrategy.DO_NOT_PAD and max_length is not None else 0
+        return self._pad_left(encoded_inputs, max_length, padding)
+
+    def _pad_left(self, encoded_inputs: dict[str, Any], max_length: int | None, padding: int) -> dict:
+        """Add the family's mask and positions to one example, then put `padding` pads before it."""
+        raise NotImplementedError
 
 
 class ChatGLM6BTokenizer(ChatGLMTokenizer):
@@ -211,7 +229,7 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
     """
 
     vocab_files_names = {"vocab_file": GLM1_VOCAB_FILE}
-    chatglm_version = 1
+    chatglm_version = CHATGLM.version
     max_blank_length = 80
 
     def __init__(
@@ -328,75 +346,35 @@ class ChatGLM6BTokenizer(ChatGLMTokenizer):
             ids = ids + token_ids_1 + [self.eos_token_id]
         return ids
 
-    def _pad(
-        self,
-        encoded_inputs: dict[str, Any] | BatchEncoding,
-        max_length: int | None = None,
-        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-    ) -> dict:
-        """Left-pad one example; when a target length is known, add its GLM mask [1, s, s] and positions [2, s].
+    def _pad_left(self, encoded_inputs: dict[str, Any], max_length: int | None, padding: int) -> dict:
+        """When a target length is known, add the GLM mask [1, s, s] and positions [2, s].
 
-        Like the original, masks and positions are built on the unpadded ids, then padded: the mask with
-        True (blocked) on both dims, the positions with 0. `return_attention_mask` is ignored, as there.
+        Like the original, masks and positions are built on the unpadded ids (glm_positions.py, as the
+        model derives them), then padded: the mask with True (blocked) on both dims, the positions with 0.
         """
-        self._check_left_padding(padding_side)
         ids = encoded_inputs[self.model_input_names[0]]
-        length = len(ids)
-        max_length = self._padded_length(length, max_length, padding_strategy, pad_to_multiple_of)
         if max_length is not None:
-            context_length = ids.index(self.bos_token_id) if self.bos_token_id in ids else length
+            row = torch.tensor([ids], dtype=torch.long)  # [1, s]
             if "attention_mask" not in encoded_inputs:
-                encoded_inputs["attention_mask"] = glm_block_attention_mask(length, context_length)
+                encoded_inputs["attention_mask"] = glm_attention_mask(row, self.bos_token_id)[0].numpy()  # [1, s, s]
             if "position_ids" not in encoded_inputs:
-                encoded_inputs["position_ids"] = glm_position_ids(
-                    ids, context_length, self.mask_token_id, self.gmask_token_id
-                )
-        if padding_strategy != PaddingStrategy.DO_NOT_PAD and length != max_length:
-            difference = max_length - length
+                marks = GLMMarks(self.bos_token_id, self.mask_token_id, self.gmask_token_id)
+                encoded_inputs["position_ids"] = glm_position_ids(row, marks, mask_before_gmask=True)[0].numpy()  # [2, s]
+        if padding:
             if "attention_mask" in encoded_inputs:
                 encoded_inputs["attention_mask"] = np.pad(
-                    encoded_inputs["attention_mask"], [(0, 0), (difference, 0), (difference, 0)], constant_values=True
+                    encoded_inputs["attention_mask"], [(0, 0), (padding, 0), (padding, 0)], constant_values=True
                 )
             if "token_type_ids" in encoded_inputs:
-                encoded_inputs["token_type_ids"] = [self.pad_token_type_id] * difference + encoded_inputs[
+                encoded_inputs["token_type_ids"] = [self.pad_token_type_id] * padding + encoded_inputs[
                     "token_type_ids"
                 ]
             if "special_tokens_mask" in encoded_inputs:
-                encoded_inputs["special_tokens_mask"] = [1] * difference + encoded_inputs["special_tokens_mask"]
+                encoded_inputs["special_tokens_mask"] = [1] * padding + encoded_inputs["special_tokens_mask"]
             if "position_ids" in encoded_inputs:
-                encoded_inputs["position_ids"] = np.pad(encoded_inputs["position_ids"], [(0, 0), (difference, 0)])
-            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * difference + ids
+                encoded_inputs["position_ids"] = np.pad(encoded_inputs["position_ids"], [(0, 0), (padding, 0)])
+            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * padding + ids
         return encoded_inputs
-
-
-def glm_block_attention_mask(seq_length: int, context_length: int) -> np.ndarray:
-    """ChatGLM-6B mask for one unpadded example: bool [1, s, s], True = blocked.
-
-    The context (everything before `<sop>`) is visible to every row; from `<sop>` on, tokens are causal.
-    """
-    visible = np.tril(np.ones((1, seq_length, seq_length)))
-    visible[:, :, :context_length] = 1
-    return visible < 0.5
-
-
-def glm_position_ids(input_ids: list[int], context_length: int, mask_token_id: int, gmask_token_id: int) -> np.ndarray:
-    """ChatGLM-6B 2D positions for one unpadded example: int64 [2, s].
-
-    Row 0: 0..context_length-1, then the index of [MASK] (or [gMASK]) for every token from `<sop>` on.
-    Row 1 (block positions): 0 over the context, then 1, 2, ... from `<sop>` on.
-    """
-    length = len(input_ids)
-    positions = np.arange(length, dtype=np.int64)
-    mask_id = mask_token_id if mask_token_id in input_ids else gmask_token_id
-    if mask_id in input_ids:
-        positions[context_length:] = input_ids.index(mask_id)
-    block_positions = np.concatenate(
-        [np.zeros(context_length, dtype=np.int64), np.arange(1, length - context_length + 1, dtype=np.int64)]
-    )
-    return np.stack([positions, block_positions], axis=0)
 
 
 class ChatGLM2Tokenizer(ChatGLMTokenizer):
@@ -409,7 +387,7 @@ class ChatGLM2Tokenizer(ChatGLMTokenizer):
     """
 
     vocab_files_names = {"vocab_file": GLM2_VOCAB_FILE}
-    chatglm_version = 2
+    chatglm_version = CHATGLM2.version
     SPECIAL_TOKENS: tuple[str, ...] = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
     # The official class hard-codes these (read-only properties, so its __init__ rejects them as keys).
     _derived_config_keys = ("bos_token", "eos_token", "unk_token", "pad_token", "added_tokens_decoder")
@@ -485,27 +463,16 @@ class ChatGLM2Tokenizer(ChatGLMTokenizer):
             ids = ids + token_ids_1 + [self.eos_token_id]
         return ids
 
-    def _pad(
-        self,
-        encoded_inputs: dict[str, Any] | BatchEncoding,
-        max_length: int | None = None,
-        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-    ) -> dict:
-        """Left-pad one example; always add a 1/0 attention mask and positions 0..n-1 (pads: 0, 0, id 0)."""
-        self._check_left_padding(padding_side)
+    def _pad_left(self, encoded_inputs: dict[str, Any], max_length: int | None, padding: int) -> dict:
+        """Always add a 1/0 attention mask and positions 0..n-1 (pads: 0, 0, id 0)."""
         ids = encoded_inputs[self.model_input_names[0]]
         length = len(ids)
-        max_length = self._padded_length(length, max_length, padding_strategy, pad_to_multiple_of)
         encoded_inputs.setdefault("attention_mask", [1] * length)
         encoded_inputs.setdefault("position_ids", list(range(length)))
-        if padding_strategy != PaddingStrategy.DO_NOT_PAD and length != max_length:
-            difference = max_length - length
-            encoded_inputs["attention_mask"] = [0] * difference + list(encoded_inputs["attention_mask"])
-            encoded_inputs["position_ids"] = [0] * difference + list(encoded_inputs["position_ids"])
-            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * difference + ids
+        if padding:
+            encoded_inputs["attention_mask"] = [0] * padding + list(encoded_inputs["attention_mask"])
+            encoded_inputs["position_ids"] = [0] * padding + list(encoded_inputs["position_ids"])
+            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * padding + ids
         return encoded_inputs
 
 
@@ -516,8 +483,8 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     With `encode_special_tokens=True`, role-token strings inside text encode to the role ids.
     """
 
-    chatglm_version = 3
-    ROLES = ("system", "user", "assistant", "observation")
+    chatglm_version = CHATGLM3.version
+    ROLES = CHATGLM3_ROLES
     SPECIAL_TOKENS = ChatGLM2Tokenizer.SPECIAL_TOKENS + tuple(f"<|{role}|>" for role in ROLES)
 
     def __init__(self, vocab_file: str, encode_special_tokens: bool = False, **kwargs: Any) -> None:
@@ -572,17 +539,17 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
 
 def _family_class(has_glm1: bool, has_glm2: bool, version: int | None) -> type[ChatGLMTokenizer]:
     """Pick the family from the vocabulary files present and an optional explicit version (1, 2 or 3)."""
-    version = None if version is None else int(version)
-    if version not in (None, 1, 2, 3):
+    classes = {cls.chatglm_version: cls for cls in (ChatGLM6BTokenizer, ChatGLM2Tokenizer, ChatGLM3Tokenizer)}
+    if version is None:
+        version = CHATGLM.version if has_glm1 else CHATGLM2.version
+    family = classes.get(int(version))
+    if family is None:
         raise ValueError(f"chatglm_version must be 1, 2 or 3, found {version!r}")
-    if has_glm1 and version in (None, 1):
-        return ChatGLM6BTokenizer
-    if has_glm2 and version in (None, 2, 3):
-        return ChatGLM3Tokenizer if version == 3 else ChatGLM2Tokenizer
-    found = GLM1_VOCAB_FILE if has_glm1 else GLM2_VOCAB_FILE if has_glm2 else "neither"
-    raise OSError(
-        f"chatglm_version={version} needs {GLM1_VOCAB_FILE if version == 1 else GLM2_VOCAB_FILE}; found {found}"
-    )
+    needed = family.vocab_files_names["vocab_file"]
+    if not (has_glm1 if needed == GLM1_VOCAB_FILE else has_glm2):
+        found = GLM1_VOCAB_FILE if has_glm1 else GLM2_VOCAB_FILE if has_glm2 else "neither"
+        raise OSError(f"chatglm_version={version} needs {needed}; found {found}")
+    return family
 
 
 def _family_for_folder(path: str, kwargs: dict[str, Any]) -> type[ChatGLMTokenizer]:
@@ -614,7 +581,8 @@ def _family_for_folder(path: str, kwargs: dict[str, Any]) -> type[ChatGLMTokeniz
         version = tokenizer_config.get("chatglm_version")
         if version is None:
             names = (tokenizer_config.get("name_or_path"), read_json("config.json").get("_name_or_path"))
-            version = 3 if any("chatglm3" in str(name).lower() for name in names if name) else 2
+            named_glm3 = any(CHATGLM3.name in str(name).lower() for name in names if name)
+            version = CHATGLM3.version if named_glm3 else CHATGLM2.version
     family = _family_class(has_glm1, has_glm2, version)
     kwargs["chatglm_version"] = family.chatglm_version
     return family

@@ -19,13 +19,11 @@ import re
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .serving import (
     ChatModel,
     GenerationWatch,
-    add_model_arguments,
     add_tools_argument,
     exit_on_user_error,
     is_tool_call,
@@ -33,6 +31,7 @@ from .serving import (
     load_tools,
     parse_model_arguments,
     response_text,
+    server_parser,
     tools_history,
 )
 
@@ -41,24 +40,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SliderDefaults:
-    """The reference web demo's sliders: Maximum length 0..max_length_limit, Top P, Temperature."""
-
-    max_length_limit: int
-    max_length: int
-    top_p: float
-    temperature: float
-
-
-# ChatGLM-6B and ChatGLM2-6B: their ptuning/web_demo.py; ChatGLM3-6B: its basic_demo/web_demo.py.
-SLIDER_DEFAULTS = {
-    "ChatGLM-6B": SliderDefaults(4096, 2048, 0.7, 0.95),
-    "ChatGLM2-6B": SliderDefaults(32768, 8192, 0.8, 0.95),
-    "ChatGLM3-6B": SliderDefaults(32768, 8192, 0.8, 0.6),
-}
 
 
 # Fenced code blocks and inline code spans: kept as they are in a user's message.
@@ -184,7 +165,7 @@ def _info_markdown(chat_model: ChatModel) -> str:
 def build_demo(chat_model: ChatModel, tools: list[dict] | None = None) -> gr.Blocks:
     """The page for `chat_model` (with `tools`: ChatGLM3 tool calls); its chat event is exposed to
     gradio clients as `/chat`."""
-    defaults = SLIDER_DEFAULTS[chat_model.family.name]
+    defaults = chat_model.family.sliders
     with gr.Blocks(title=f"{chat_model.title} P-tuning demo") as demo:
         gr.HTML(f'<h1 style="text-align: center">{html.escape(chat_model.title)}</h1>', elem_id="title")
         with gr.Accordion("Loaded model", open=True):
@@ -243,11 +224,7 @@ def build_demo(chat_model: ChatModel, tools: list[dict] | None = None) -> gr.Blo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chatglm_ptuning.web_demo", description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    server.add_argument("--port", type=int, default=7860)
+    parser, server = server_parser("python -m chatglm_ptuning.web_demo", __doc__.split("\n")[0], port=7860)
     server.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
     server.add_argument(
         "--concurrency", type=int, default=1, help="generations running at once; the rest wait in the queue"

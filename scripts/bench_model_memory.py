@@ -118,7 +118,7 @@ def measure(folder: Path, bits: int, steps: int = 2) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, fused=True)
     vocab = model.config.vocab_size
     ids = torch.randint(10, 60000 if vocab > 60000 else vocab - 10, (1, 192))
-    if model.config.architecture == "chatglm":  # a GLM row needs [gMASK] and <sop> (spec §3.3)
+    if model.config.architecture == "chatglm":  # a GLM row needs [gMASK] and <sop> (its context ends at <sop>)
         ids[0, 63], ids[0, 64] = model.config.gmask_token_id, model.config.bos_token_id
     labels = ids.clone()
     labels[:, :64] = -100

@@ -50,7 +50,7 @@ def tiny_glm1_folder(folder: Path) -> Path:
 
 
 def sample_inputs(architecture: str, vocab: int) -> torch.Tensor:
-    """Seeded ids [2, 16]; a ChatGLM-6B row needs [gMASK] and <sop> (spec §3.3)."""
+    """Seeded ids [2, 16]; a ChatGLM-6B row needs [gMASK] and <sop> (its context ends at <sop>)."""
     ids = torch.randint(10, min(vocab, 60000), (2, 16), generator=torch.Generator().manual_seed(0))
     if architecture == "chatglm":
         ids[:, -2], ids[:, -1] = TINY_GLM1["gmask_token_id"], TINY_GLM1["bos_token_id"]

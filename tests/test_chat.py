@@ -21,13 +21,8 @@ from chatglm_ptuning import (
     ChatGLM6BConfig,
     ChatGLMForConditionalGeneration,
 )
-from chatglm_ptuning.chat import (
-    ChatMixin,
-    InvalidScoreLogitsProcessor,
-    chat_family,
-    parse_chatglm3_response,
-    postprocess_chatglm6b,
-)
+from chatglm_ptuning.chat import ChatMixin, InvalidScoreLogitsProcessor
+from chatglm_ptuning.families import FAMILIES, family_of, parse_chatglm3_response, postprocess_chatglm6b
 from chatglm_ptuning.configuration import ARCH_GLM1, ARCH_GLM2
 from chatglm_ptuning.tokenization import ChatGLMTokenizer
 
@@ -154,9 +149,11 @@ def test_greedy_and_max_new_tokens_send_no_sampling_or_length_defaults(tokenizer
 
 
 def test_family_comes_from_the_tokenizer_class(tokenizers):
-    assert [chat_family(tokenizers[name]).name for name in NAMES] == ["ChatGLM-6B", "ChatGLM2-6B", "ChatGLM3-6B"]
+    assert [family_of(tokenizers[name]) for name in NAMES] == list(FAMILIES)
+    assert [family.display_name for family in FAMILIES] == ["ChatGLM-6B", "ChatGLM2-6B", "ChatGLM3-6B"]
+    assert [family_of(tokenizers[name]).name for name in NAMES] == ["chatglm", "chatglm2", "chatglm3"]
     with pytest.raises(TypeError, match="ChatGLM tokenizer"):
-        chat_family(object())
+        family_of(object())
     with pytest.raises(ValueError, match="architecture"):
         scripted(tokenizers, "chatglm2-6b", "x").chat(tokenizers["chatglm-6b"], "你好")
     with pytest.raises(ValueError, match="role"):

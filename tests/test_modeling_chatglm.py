@@ -21,14 +21,13 @@ from transformers.cache_utils import DynamicCache
 
 import chatglm_ptuning  # noqa: F401  (registers the Auto classes)
 from chatglm_ptuning.configuration import ChatGLM6BConfig
-from chatglm_ptuning.modeling_chatglm import (
-    ChatGLMForConditionalGeneration,
+from chatglm_ptuning.glm_positions import (
     glm_attention_mask,
-    glm_inv_freq,
     glm_position_ids,
     next_position_ids,
     padding_mask_from_block_mask,
 )
+from chatglm_ptuning.modeling_chatglm import ChatGLMForConditionalGeneration, glm_inv_freq
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 MASK, GMASK, SOP, EOP, PAD = 70, 71, 74, 75, 3  # special ids of the tiny config

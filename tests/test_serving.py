@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatglm_ptuning.chat import postprocess_chatglm6b
+from chatglm_ptuning.families import postprocess_chatglm6b
 from chatglm_ptuning.loading import load_model
 from chatglm_ptuning.serving import ChatModel, GenerationWatch, TextDeltas, _without_oldest_turn
 
@@ -17,7 +17,7 @@ def chat_model(request):
 
 
 def history_for(chat_model, turns):
-    if "system" in chat_model.family.roles:  # ChatGLM3: messages
+    if chat_model.family.tool_calls:  # ChatGLM3: messages
         history = [{"role": "system", "content": "你是助手。"}]
         for query, reply in turns:
             history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]

@@ -1,7 +1,8 @@
-"""ChatGLM tokenizers against the official ones (golden outputs), the spec's worked examples,
+"""ChatGLM tokenizers against the official ones (golden outputs), the ids of the chat prompts,
 AutoTokenizer dispatch, left padding and save/load.
 
-The real tokenizer files are read from $CHATGLM_TOKENIZERS_DIR (default: <repo>/../shared/tokenizers).
+The real tokenizer files are read from $CHATGLM_TOKENIZERS_DIR (default: <repo>/../shared/tokenizers;
+they are never copied into this repository).
 tests/golden/tokenizer_cases.json holds what the official tokenization_chatglm.py files returned for
 the same calls (its "_note" says how it was produced).
 """
@@ -20,6 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from chatglm_ptuning.configuration import ChatGLM6BConfig
+from chatglm_ptuning.glm_positions import glm_attention_mask, glm_position_ids, padding_mask_from_block_mask
+from chatglm_ptuning.modeling_chatglm2 import ChatGLM2ForConditionalGeneration
 from chatglm_ptuning.tokenization import (
     ChatGLM2Tokenizer,
     ChatGLM3Tokenizer,
@@ -149,10 +153,10 @@ def test_chatglm3_chat_input_matches_official(tokenizers):
         assert special.tokenize(case["text"]) == case["tokenize"]
 
 
-# ---- the spec's worked examples (CHATGLM_REFERENCE.md §6) ------------------------------------
+# ---- "你好" as each family's official chat() encodes it ------------------------------------------
 
 
-def test_spec_examples(tokenizers):
+def test_hello_prompt_ids(tokenizers):
     assert tokenizers["chatglm-6b"]("你好")["input_ids"] == [5, 74874, 130001, 130004]
     glm2 = tokenizers["chatglm2-6b"]
     assert glm2(glm2.build_prompt("你好"))["input_ids"] == [
@@ -214,6 +218,38 @@ def test_chatglm6b_padding_builds_glm_masks_and_positions(tokenizers):
         [True, False, False, False, False],
     ]
     assert positions[0].tolist() == [[0, 0, 1, 2, 2], [0, 0, 0, 0, 1]]
+
+
+def test_chatglm6b_padding_equals_what_the_model_derives(tokenizers):
+    """The tokenizer's positions and mask are the model's (glm_positions.py), for padded batches too."""
+    tok = tokenizers["chatglm-6b"]
+    config = ChatGLM6BConfig(
+        bos_token_id=tok.bos_token_id, mask_token_id=tok.mask_token_id, gmask_token_id=tok.gmask_token_id
+    )
+    texts = ["你好", "Hello there friend", "类型#裙*风格#简约"]
+    batch = tok(texts, ["回答", "an answer here", "好"], padding=True, return_tensors="pt")
+    ids, block_mask = batch["input_ids"], batch["attention_mask"]
+    keep = padding_mask_from_block_mask(block_mask)
+    assert keep.sum(-1).tolist() == [len(tok.encode(t, a)) for t, a in zip(texts, ["回答", "an answer here", "好"])]
+    assert batch["position_ids"].tolist() == glm_position_ids(ids, config, keep).tolist()
+    real_rows = keep.bool()[:, None, :, None]  # pad query rows: the tokenizer blocks them, the model never reads them
+    model_mask = glm_attention_mask(ids, tok.bos_token_id, keep)
+    assert torch.equal(block_mask & real_rows, model_mask & real_rows)
+    # A row holding both [MASK] and [gMASK]: the tokenizer takes [MASK]'s position, as the original tokenizer did.
+    both = tok.encode("a [MASK] b") + tok.encode("c", add_special_tokens=False)
+    padded = tok.pad({"input_ids": [both]}, return_tensors="pt")
+    row = torch.tensor([both])
+    assert padded["position_ids"].tolist() == glm_position_ids(row, config, mask_before_gmask=True).tolist()
+    assert padded["position_ids"].tolist() != glm_position_ids(row, config).tolist()
+
+
+def test_chatglm2_padding_equals_what_the_model_derives(tokenizers):
+    for name in ("chatglm2-6b", "chatglm3-6b"):
+        batch = tokenizers[name](["你好", "你好你好你好"], padding=True, return_tensors="pt")
+        derived = ChatGLM2ForConditionalGeneration._prepare_position_ids_for_generation(
+            None, batch["input_ids"], {"attention_mask": batch["attention_mask"]}
+        )  # reads nothing from the model instance
+        assert batch["position_ids"].tolist() == derived.tolist()
 
 
 def test_chatglm2_padding_and_right_side_error(tokenizers):

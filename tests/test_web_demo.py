@@ -15,6 +15,7 @@ from servers import REPO_ROOT, free_port, running_server, server_env, write_pref
 
 gradio_client = pytest.importorskip("gradio_client", reason="pip install gradio (requirements.txt)")
 from chatglm_ptuning import web_demo
+from chatglm_ptuning.families import SliderDefaults
 from chatglm_ptuning.loading import load_model
 from chatglm_ptuning.serving import ChatModel, load_chat_model
 
@@ -296,10 +297,10 @@ class FakeRequest:
 @pytest.mark.parametrize("family", ["glm1", "glm3"])
 def test_other_families_chat_with_their_own_defaults_and_history(request, family):
     chat_model = ChatModel(*load_model(request.getfixturevalue(f"tiny_{family}_dir")))
-    defaults = web_demo.SLIDER_DEFAULTS[chat_model.family.name]
+    defaults = chat_model.family.sliders
     assert (family, defaults) in {
-        ("glm1", web_demo.SliderDefaults(4096, 2048, 0.7, 0.95)),
-        ("glm3", web_demo.SliderDefaults(32768, 8192, 0.8, 0.6)),
+        ("glm1", SliderDefaults(4096, 2048, 0.7, 0.95)),
+        ("glm3", SliderDefaults(32768, 8192, 0.8, 0.6)),
     }
     web_demo.build_demo(chat_model)  # the page builds for this family
     respond = web_demo.make_respond(chat_model, web_demo.ActiveGenerations())
