@@ -21,7 +21,7 @@ from pathlib import Path
 from official_layout import REPO_ROOT, random_prefix_state, tiny_config
 
 from chatglm_ptuning.checkpoint import PromptSettings, save_prefix_checkpoint
-from chatglm_ptuning.trainer import TRAINER_STATE_FILE
+from chatglm_ptuning.run_folder import TRAINER_STATE_FILE
 
 PRE_SEQ_LEN = 4
 
