@@ -8,16 +8,13 @@ transformers Auto classes, so official checkpoint folders load offline without r
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration import ChatGLM2Config, ChatGLM6BConfig, ChatGLMConfig
+from .loading import MODEL_CLASSES, load_model
 from .modeling_chatglm import ChatGLMForConditionalGeneration
 from .modeling_chatglm2 import ChatGLM2ForConditionalGeneration
 from .tokenization import ChatGLMTokenizer
-from .loading import load_model
 
 AutoConfig.register(ChatGLMConfig.model_type, ChatGLMConfig, exist_ok=True)
-for _config_class, _model_class in (
-    (ChatGLM6BConfig, ChatGLMForConditionalGeneration),
-    (ChatGLM2Config, ChatGLM2ForConditionalGeneration),
-):
+for _config_class, _model_class in MODEL_CLASSES.items():
     # The official auto_map sends AutoModel to the LM class too (users call model.chat()).
     AutoModel.register(_config_class, _model_class, exist_ok=True)
     AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)

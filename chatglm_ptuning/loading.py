@@ -36,6 +36,8 @@ from .configuration import (
     ARCH_GLM2,
     ROPE_INTERPOLATE,
     ROPE_SCALING_MODES,
+    ChatGLM2Config,
+    ChatGLM6BConfig,
     ChatGLMConfig,
     rope_scaling_mode_for_folder,
 )
@@ -49,6 +51,8 @@ from .methods import (
     soft_prompt_settings,
 )
 from .modeling_base import ChatGLMLMBase
+from .modeling_chatglm import ChatGLMForConditionalGeneration
+from .modeling_chatglm2 import ChatGLM2ForConditionalGeneration
 from .prompt_learning import SOFT_PROMPT_KEY_PREFIXES, SOFT_PROMPT_METHODS
 
 logger = logging.get_logger(__name__)
@@ -65,10 +69,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _model_class(config: ChatGLMConfig) -> type[ChatGLMLMBase]:
-    from transformers import AutoModelForCausalLM
+# The LM class of each architecture's config class; the package registers the same pairs with the
+# transformers Auto classes.
+MODEL_CLASSES: dict[type[ChatGLMConfig], type[ChatGLMLMBase]] = {
+    ChatGLM6BConfig: ChatGLMForConditionalGeneration,
+    ChatGLM2Config: ChatGLM2ForConditionalGeneration,
+}
 
-    return AutoModelForCausalLM._model_mapping[type(config)]
+
+def _model_class(config: ChatGLMConfig) -> type[ChatGLMLMBase]:
+    return MODEL_CLASSES[type(config)]
 
 
 @contextlib.contextmanager
