@@ -1,4 +1,5 @@
-"""Command-line arguments, with the reference recipe's flag names and defaults (spec §8.1).
+"""Command-line arguments, with the reference recipe's flag names and defaults (ptuning/arguments.py of the
+ChatGLM-6B/ChatGLM2-6B repositories).
 
 Flags the reference parsed but never used are accepted (so its command lines run unchanged)
 and marked as such in their help.

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from .configuration import ARCH_GLM1, ChatGLMConfig
 
-# The keys each official config.json holds (spec §1), in their order.
+# The keys each official config.json holds (THUDM/chatglm-6b, chatglm2-6b, chatglm3-6b), in their order.
 _OFFICIAL_KEYS = {
     ARCH_GLM1: (
         "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id", "hidden_size",

@@ -1,6 +1,6 @@
-"""Tiny checkpoints in the official on-disk layout, built from the spec's key tables.
+"""Tiny checkpoints in the official on-disk layout, built from the official key tables.
 
-The key names and shapes below are written from CHATGLM_REFERENCE.md §2 (not from this
+The key names and shapes below are written from the official repositories' weight index files (not from this
 package's model classes), so a loader test really checks that official files load.
 """
 

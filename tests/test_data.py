@@ -1,6 +1,6 @@
 """Tests for chatglm_ptuning.data: reading, validation and the per-family token layouts.
 
-Token ids written out below come from the spec's computed examples (CHATGLM_REFERENCE.md §6):
+Token ids written out below come from the real tokenizer files by the official procedure:
 ChatGLM-6B "你好" -> [5, 74874] (+ [gMASK 130001, <sop> 130004]); ChatGLM2 "你好" as a whole
 text -> [36474, 54591]; ChatGLM2's "[Round 1]\\n\\n问：你好\\n\\n答：" with its prefix is ROUND1 below;
 ChatGLM3's chat input for "你好" is [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796].
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data_samples"
 X = IGNORE_INDEX
 
-# Spec §6 computed ids.
+# Ids computed with the real tokenizer files by the official procedure.
 GLM1_NIHAO = [5, 74874]
 GLM1_GMASK, GLM1_SOP, GLM1_EOP, GLM1_PAD = 130001, 130004, 130005, 3
 GLM2_NIHAO = [36474, 54591]
@@ -277,7 +277,7 @@ def test_glm3_chat_layout_labels_last_turn_or_all_turns(glm3):
     assert features["labels"][0][:23] == [X] * 18 + answer + [EOS]
     features = preprocess_train(glm3, batch(row), replace(args, all_turns=True))
     assert features["labels"][0][:23] == [X] * 8 + answer + [GLM3_USER] + [X] * 5 + answer + [EOS]
-    # Eval input: the chat input ending with <|assistant|> (spec §6.2 for a one-turn chat).
+    # Eval input: the chat input ending with <|assistant|> (the official build_chat_input for a one-turn chat).
     eval_features = preprocess_eval(glm3, batch({"prompt": "你好", "response": "你好", "history": []}), args)
     assert eval_features["input_ids"] == [[64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]]
     assert eval_features["labels"] == [GLM2_PREFIX + GLM2_NIHAO]

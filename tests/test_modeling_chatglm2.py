@@ -212,7 +212,7 @@ def test_interpolation_is_positions_divided_by_rope_ratio_with_cache_and_prefix(
 
 
 def test_mask_rules():
-    """§4.4: causal + past columns, pad columns blocked, pad rows un-blocked only without a past."""
+    """The official mask rules: causal + past columns, pad columns blocked, pad rows un-blocked only without a past."""
     pad = torch.tensor([[0, 1, 1]])
     assert build_attention_mask(None, 3, 0) is None  # plain causal: SDPA's is_causal
     assert build_attention_mask(torch.ones(1, 5), 1, 4) is None  # one new token, no pads: attend to all

@@ -136,7 +136,7 @@ def test_odd_input_features_are_rejected_for_int4():
 
 
 def test_holders_have_the_official_6b_shapes():
-    # Shapes of chatglm2-6b-int4 (spec §2.3), built on the meta device.
+    # Shapes of chatglm2-6b-int4 (its pytorch_model.bin), built on the meta device.
     for in_f, out_f, packed in [(4096, 4608, 2048), (4096, 4096, 2048), (4096, 27392, 2048), (13696, 4096, 6848)]:
         layer = QuantizedLinear(in_f, out_f, 4, bias=False, device="meta", dtype=torch.float16)
         assert layer.weight.shape == (out_f, packed) and layer.weight.dtype == torch.int8

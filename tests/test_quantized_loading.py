@@ -31,7 +31,7 @@ def _official_quantized_folder(folder, arch, bits):
     for key, tensor in state.items():
         module = key.removesuffix(".weight")
         if key.endswith(".weight") and is_quantized_linear_name(arch, module):
-            # The official scale dtypes: fp16 weights give fp16 scales (fp32 is accepted too, spec §2.3).
+            # The official scale dtypes: fp16 weights give fp16 scales (fp32 is accepted too).
             qweight, scale = quantize_weight(tensor, bits)
             quantized[key], quantized[module + ".weight_scale"] = qweight, scale
         else:
