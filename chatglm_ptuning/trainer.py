@@ -1,5 +1,6 @@
-"""A small Seq2SeqTrainer subclass: prompt-only checkpoints, atomic saves, a NaN guard, and a
-loss-curve plot. Everything else is the transformers Trainer as its users know it.
+"""A small Seq2SeqTrainer subclass: prompt-only checkpoints, atomic saves, a NaN guard, counted
+training tokens, length-sorted evaluation, and a loss-curve plot. Everything else is the
+transformers Trainer as its users know it.
 """
 
 from __future__ import annotations
@@ -7,16 +8,19 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import Seq2SeqTrainer, TrainerCallback
+from torch.utils.data import Sampler
+from transformers import EvalPrediction, Seq2SeqTrainer, TrainerCallback
 from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import PromptSettings, save_prefix_checkpoint
-from .collator import PROMPT_LENGTH_KEY
+from .collator import PROMPT_LENGTH_KEY, REAL_TOKENS_KEY
 from .methods import load_method_state
 
 _STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
@@ -34,6 +38,11 @@ class PromptTrainer(Seq2SeqTrainer):
     Checkpoints are written into `<output_dir>/.staging/` and renamed into place once complete,
     so a killed run never leaves a `checkpoint-N` that looks whole. Under DeepSpeed only the
     trainable parameters are gathered and saved (never the frozen backbone).
+
+    Training batches' real (non-pad) and computed token counts are summed (`train_token_counts`).
+    With `sort_eval_by_length` (the default) evaluation/prediction rows are batched longest prompt
+    first, so each batch pads and generates little beyond its rows' own needs; predictions, label
+    ids and metrics are put back in the dataset's order.
     """
 
     def __init__(
@@ -42,19 +51,88 @@ class PromptTrainer(Seq2SeqTrainer):
         prompt_settings: PromptSettings | None = None,
         eval_collator=None,  # noqa: ANN001 - batches eval/predict rows (prompts + labels) when given
         generation_kwargs: dict | None = None,
+        sort_eval_by_length: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.prompt_settings = prompt_settings
         self.eval_collator = eval_collator
         self.generation_kwargs = generation_kwargs or {}  # also used by evaluations during training
+        self.sort_eval_by_length = sort_eval_by_length
         self._staging_run_dir: str | None = None
+        self._token_counts = [0, 0]  # real, computed: this process's training batches
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):  # noqa: ANN001
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
+        gen_kwargs = {**self.generation_kwargs, **gen_kwargs}
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        with self._metrics_in_file_order(dataset):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test", **gen_kwargs):  # noqa: ANN001
-        return super().predict(test_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
+        with self._metrics_in_file_order(test_dataset) as inverse:
+            output = super().predict(test_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
+        if inverse is None:
+            return output
+        return output._replace(predictions=_take(output.predictions, inverse), label_ids=_take(output.label_ids, inverse))
+
+    # --- batching ------------------------------------------------------------------------------
+    def eval_order(self, dataset) -> np.ndarray | None:  # noqa: ANN001
+        """The order eval/predict rows are batched in: longest prompt first, ties in dataset order;
+        None when rows stay in dataset order (sorting off, or rows without `input_ids`)."""
+        if not self.sort_eval_by_length or dataset is None or not hasattr(dataset, "column_names"):
+            return None
+        if "input_ids" not in dataset.column_names:
+            return None
+        lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+        return np.argsort(-lengths, kind="stable")
+
+    def _get_eval_sampler(self, eval_dataset) -> Sampler | None:  # noqa: ANN001
+        order = self.eval_order(eval_dataset)
+        return super()._get_eval_sampler(eval_dataset) if order is None else _FixedOrderSampler(order.tolist())
+
+    @contextmanager
+    def _metrics_in_file_order(self, dataset):  # noqa: ANN001
+        """While evaluating `dataset` in `eval_order`: compute_metrics sees predictions and labels in
+        dataset order. Yields the permutation that restores dataset order (None when unsorted)."""
+        order = None if isinstance(dataset, dict) else self.eval_order(dataset)
+        if order is None:
+            yield None
+            return
+        inverse = np.argsort(order)
+        compute_metrics = self.compute_metrics
+        if compute_metrics is not None and not self.args.batch_eval_metrics:
+
+            def in_file_order(prediction: EvalPrediction) -> dict:
+                return compute_metrics(EvalPrediction(
+                    _take(prediction.predictions, inverse), _take(prediction.label_ids, inverse),
+                    inputs=_take(prediction.inputs, inverse), losses=_take(prediction.losses, inverse),
+                ))
+
+            self.compute_metrics = in_file_order
+        try:
+            yield inverse
+        finally:
+            self.compute_metrics = compute_metrics
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: ANN001
+        """The Trainer's micro-batches of one optimizer step; also counts their real tokens (the
+        collator's `REAL_TOKENS_KEY`, removed here before the forward) and computed tokens."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batch_samples:
+            computed = batch["input_ids"].numel()
+            real = batch.pop(REAL_TOKENS_KEY, None)
+            self._token_counts[0] += computed if real is None else int(real)
+            self._token_counts[1] += computed
+        return batch_samples, num_items_in_batch
+
+    def train_token_counts(self) -> dict[str, int]:
+        """Real (non-pad) and computed (padding included) tokens of the training batches this run
+        trained on, summed over every process (call it on every rank)."""
+        counts = torch.tensor(self._token_counts, dtype=torch.long, device=self.args.device)
+        real, computed = self.accelerator.reduce(counts, reduction="sum").tolist()
+        return {"train_real_tokens": real, "train_computed_tokens": computed}
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):  # noqa: ANN001
         if is_training or self.eval_collator is None:
@@ -211,6 +289,29 @@ class PromptTrainer(Seq2SeqTrainer):
                 f"Last good checkpoint: {last or 'none yet'}. Try a lower --learning_rate or fp32/bf16 instead of fp16."
             )
         return loss
+
+
+class _FixedOrderSampler(Sampler):
+    """Yields the given dataset indices, in that order."""
+
+    def __init__(self, order: list[int]):
+        self.order = order
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def _take(values, rows: np.ndarray):  # noqa: ANN001, ANN202
+    """`values` (an array, a tuple of arrays, or None) with its first axis in the order `rows`."""
+    if values is None:
+        return None
+    if isinstance(values, (tuple, list)):
+        return type(values)(_take(v, rows) for v in values)
+    values = np.asarray(values)
+    return values[rows] if values.ndim and len(values) == len(rows) else values
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
