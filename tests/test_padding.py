@@ -240,3 +240,37 @@ def test_length_sorted_prediction_is_in_file_order_and_equals_unsorted(tmp_path,
     padding = (-100, tokenizer.pad_token_id)
     expected = [[t for t in row if t not in padding] for row in dataset["labels"]]
     assert [[t for t in row if t not in padding] for row in sorted_run.label_ids.tolist()] == expected
+
+
+@pytest.mark.slow
+def test_token_counts_are_summed_over_ranks_and_accumulated_batches(tmp_path, tiny_glm2_dir):
+    """2 DDP ranks x 2 accumulated micro-batches x 2 rows: one step trains each of the 8 rows once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    flags = [
+        "--do_train", "--train_file", ADGEN_TRAIN, "--prompt_column", "content", "--response_column", "summary",
+        "--model_name_or_path", str(tiny_glm2_dir), "--output_dir", str(out), "--overwrite_output_dir",
+        "--max_source_length", "64", "--max_target_length", "96", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "2", "--max_train_samples", "8", "--max_steps", "1", "--pre_seq_len", "4",
+        "--use_cpu", "--report_to", "none", "--pad_to_max_length",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "chatglm_ptuning.train", *flags]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    results = json.loads((out / "train_results.json").read_text())
+    tokenizer = _tokenizer("chatglm2-6b")
+    args = DataTrainingArguments(**ADGEN, max_source_length=64, max_target_length=96)
+    rows = preprocess_train(tokenizer, _columns(load_rows(ADGEN_TRAIN, args).rows[:8]), args)
+    assert results["train_real_tokens"] == sum(len(ids) for ids in rows["input_ids"])
+    assert results["train_computed_tokens"] == 8 * (64 + 96 + 1)
