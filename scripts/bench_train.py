@@ -325,7 +325,7 @@ def padding_main(args: argparse.Namespace) -> dict:
     shape = SHAPES["tiny" if args.quick else "mid"]  # the ChatGLM vocabulary: real token ids
     samples = 4 if args.quick else args.samples
     settings = ((1, 2), (2, 1)) if args.quick else PAD_SETTINGS
-    max_source, max_target = (16, 16) if args.quick else (64, 128)
+    max_source, max_target = (32, 64) if args.quick else (64, 128)
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()
     info = machine_info()
     cases = [(b, a, layout) for b, a in settings for layout in PAD_LAYOUTS if not (layout == GROUPED and b == 1)]
