@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from official_layout import REPO_ROOT, write_tiny_checkpoint
+from official_layout import REPO_ROOT, tokenizers_dir, write_tiny_checkpoint
 from safetensors.torch import load_file
 
 from chatglm_ptuning.arguments import DataTrainingArguments
@@ -29,13 +29,16 @@ def _tokenizer(name: str):
     from transformers import AutoTokenizer
 
     import chatglm_ptuning  # noqa: F401  (registers the ChatGLM tokenizers)
-    from official_layout import tokenizers_dir
 
     return AutoTokenizer.from_pretrained(tokenizers_dir() / name)
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
     return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def as_rows(features: dict[str, list]) -> list[dict]:
+    return [{"input_ids": i, "labels": l} for i, l in zip(features["input_ids"], features["labels"])]
 
 
 ADGEN = {"train_file": ADGEN_TRAIN, "prompt_column": "content", "response_column": "summary"}
@@ -75,7 +78,6 @@ def test_unpadded_features_are_the_fixed_layout_without_its_padding(name, layout
         assert real_length(fixed_ids, fixed_labels, pad, label_pad) == n
     # The collator gives the same batch from either layout, padded to the longest row.
     collator = TrainBatchCollator(pad, label_pad_id=label_pad)
-    as_rows = lambda f: [{"input_ids": i, "labels": l} for i, l in zip(f["input_ids"], f["labels"])]  # noqa: E731
     from_unpadded, from_fixed = collator(as_rows(unpadded)), collator(as_rows(fixed))
     for key in ("input_ids", "labels", REAL_TOKENS_KEY):
         assert torch.equal(from_unpadded[key], from_fixed[key])
@@ -102,7 +104,7 @@ def _batches(tokenizer, fixed: bool, rows: int = 4) -> dict[str, torch.Tensor]:
     args = DataTrainingArguments(**ADGEN, max_source_length=64, max_target_length=96, pad_to_max_length=fixed)
     features = preprocess_train(tokenizer, _columns(load_rows(ADGEN_TRAIN, args).rows[:rows]), args)
     collator = TrainBatchCollator(tokenizer.pad_token_id, fixed_layout=fixed)
-    batch = collator([{"input_ids": i, "labels": l} for i, l in zip(features["input_ids"], features["labels"])])
+    batch = collator(as_rows(features))
     batch.pop(REAL_TOKENS_KEY)
     return batch
 
