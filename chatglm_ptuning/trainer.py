@@ -42,7 +42,7 @@ class PromptTrainer(Seq2SeqTrainer):
     Training batches' real (non-pad) and computed token counts are summed (`train_token_counts`).
     With `sort_eval_by_length` (the default) evaluation/prediction rows are batched longest prompt
     first, so each batch pads and generates little beyond its rows' own needs; predictions, label
-    ids and metrics are put back in the dataset's order.
+    ids and metrics are put back in the dataset's order (one per row, also across processes).
     """
 
     def __init__(
@@ -67,15 +67,13 @@ class PromptTrainer(Seq2SeqTrainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, str):
             dataset = self.eval_dataset[dataset]
-        with self._metrics_in_file_order(dataset):
+        with self._in_file_order(dataset):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test", **gen_kwargs):  # noqa: ANN001
-        with self._metrics_in_file_order(test_dataset) as inverse:
+        with self._in_file_order(test_dataset) as file_order:
             output = super().predict(test_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
-        if inverse is None:
-            return output
-        return output._replace(predictions=_take(output.predictions, inverse), label_ids=_take(output.label_ids, inverse))
+        return output._replace(predictions=file_order(output.predictions), label_ids=file_order(output.label_ids))
 
     # --- batching ------------------------------------------------------------------------------
     def eval_order(self, dataset) -> np.ndarray | None:  # noqa: ANN001
@@ -93,26 +91,29 @@ class PromptTrainer(Seq2SeqTrainer):
         return super()._get_eval_sampler(eval_dataset) if order is None else _FixedOrderSampler(order.tolist())
 
     @contextmanager
-    def _metrics_in_file_order(self, dataset):  # noqa: ANN001
-        """While evaluating `dataset` in `eval_order`: compute_metrics sees predictions and labels in
-        dataset order. Yields the permutation that restores dataset order (None when unsorted)."""
-        order = None if isinstance(dataset, dict) else self.eval_order(dataset)
-        if order is None:
-            yield None
-            return
-        inverse = np.argsort(order)
+    def _in_file_order(self, dataset):  # noqa: ANN001
+        """While evaluating `dataset`: compute_metrics sees predictions and labels one per dataset row
+        (the rows several processes repeat to even out their last batches are cut off) in dataset
+        order. Yields that same function of gathered per-row values, for predict's outputs."""
+        rows = len(dataset) if dataset is not None and not isinstance(dataset, dict) and hasattr(dataset, "__len__") else None
+        order = None if rows is None else self.eval_order(dataset)
+        inverse = None if order is None else np.argsort(order)
+
+        def file_order(values):  # noqa: ANN001, ANN202
+            return _rows_in_order(values, rows, inverse)
+
         compute_metrics = self.compute_metrics
-        if compute_metrics is not None and not self.args.batch_eval_metrics:
+        if rows is not None and compute_metrics is not None and not self.args.batch_eval_metrics:
 
             def in_file_order(prediction: EvalPrediction) -> dict:
                 return compute_metrics(EvalPrediction(
-                    _take(prediction.predictions, inverse), _take(prediction.label_ids, inverse),
-                    inputs=_take(prediction.inputs, inverse), losses=_take(prediction.losses, inverse),
+                    file_order(prediction.predictions), file_order(prediction.label_ids),
+                    inputs=file_order(prediction.inputs), losses=prediction.losses,
                 ))
 
             self.compute_metrics = in_file_order
         try:
-            yield inverse
+            yield file_order
         finally:
             self.compute_metrics = compute_metrics
 
@@ -304,14 +305,18 @@ class _FixedOrderSampler(Sampler):
         return len(self.order)
 
 
-def _take(values, rows: np.ndarray):  # noqa: ANN001, ANN202
-    """`values` (an array, a tuple of arrays, or None) with its first axis in the order `rows`."""
-    if values is None:
-        return None
+def _rows_in_order(values, rows: int | None, inverse: np.ndarray | None):  # noqa: ANN001, ANN202
+    """Gathered per-row `values` (an array, a tuple of arrays, or None) cut to the dataset's `rows`
+    (evenly sharded processes repeat rows at the end) and, with `inverse`, put back in dataset order."""
+    if values is None or rows is None:
+        return values
     if isinstance(values, (tuple, list)):
-        return type(values)(_take(v, rows) for v in values)
+        return type(values)(_rows_in_order(v, rows, inverse) for v in values)
     values = np.asarray(values)
-    return values[rows] if values.ndim and len(values) == len(rows) else values
+    if not values.ndim or len(values) < rows:
+        return values
+    values = values[:rows]
+    return values if inverse is None else values[inverse]
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

@@ -276,3 +276,39 @@ def test_token_counts_are_summed_over_ranks_and_accumulated_batches(tmp_path, ti
     rows = preprocess_train(tokenizer, _columns(load_rows(ADGEN_TRAIN, args).rows[:8]), args)
     assert results["train_real_tokens"] == sum(len(ids) for ids in rows["input_ids"])
     assert results["train_computed_tokens"] == 8 * (64 + 96 + 1)
+
+
+@pytest.mark.slow
+def test_length_sorted_prediction_on_two_ranks_is_in_file_order(tmp_path, tiny_glm2_dir):
+    """2 DDP ranks share the sorted batches; generated_predictions.txt equals one process's, in file order."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def flags(out: Path) -> list[str]:
+        return [
+            "--do_predict", "--test_file", ADGEN_DEV, "--prompt_column", "content", "--response_column", "summary",
+            "--model_name_or_path", str(tiny_glm2_dir), "--output_dir", str(out), "--max_source_length", "48",
+            "--max_target_length", "8", "--per_device_eval_batch_size", "2", "--predict_with_generate",
+            "--max_predict_samples", "7", "--do_sample", "False", "--use_cpu", "--report_to", "none",
+        ]
+
+    assert main(flags(tmp_path / "one")) == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "chatglm_ptuning.train", *flags(tmp_path / "two")]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    one = (tmp_path / "one" / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()
+    two = (tmp_path / "two" / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()
+    assert len(one) == 7 and two == one
+    rows = [json.loads(line) for line in Path(ADGEN_DEV).read_text(encoding="utf-8").splitlines()[:7]]
+    for row, line in zip(rows, one):
+        label = json.loads(line)["labels"]
+        assert label and row["summary"].replace(" ", "").startswith(label.replace(" ", "")[:4])
