@@ -200,6 +200,8 @@ def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_a
             "--ignore_pad_token_for_loss False trains on the padding, so per-batch padding changes the loss; "
             "add --pad_to_max_length for the reference's fixed layout"
         )
+    if training_args.train_sampling_strategy == "group_by_length" and data_args.pad_to_max_length:
+        logger.warning("--group_by_length has nothing to group with --pad_to_max_length: every row has the same length")
     train_collator = TrainBatchCollator(
         tokenizer.pad_token_id,
         label_pad_id=train_label_pad_id(tokenizer, data_args),
