@@ -99,7 +99,16 @@ class DataTrainingArguments:
     val_max_target_length: int | None = field(
         default=None, metadata={"help": "Token budget of reference responses in eval/predict (default: max_target_length)."}
     )
-    pad_to_max_length: bool = field(default=False, metadata={"help": _UNUSED})
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Pad every training row to the fixed length (max_source_length + max_target_length [+ 1]), the "
+            "reference's layout. Default: each batch is padded to its own longest row (same losses, less work)."
+        },
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Round each training batch's padded length up to a multiple of this (e.g. 8)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N prediction rows."})
@@ -127,6 +136,8 @@ class DataTrainingArguments:
             path = getattr(self, flag)
             if path is not None and Path(path).suffix not in (".json", ".jsonl"):
                 raise ValueError(f"--{flag} {path}: expected a .json or .jsonl file, found {Path(path).suffix or 'no extension'}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"--pad_to_multiple_of: expected a positive integer, found {self.pad_to_multiple_of}")
         if self.val_max_target_length is None:
             self.val_max_target_length = self.max_target_length
 
@@ -140,6 +151,10 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         default=False, metadata={"help": "Start over in an output_dir that already holds checkpoints."}
     )
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Old name of --eval_strategy."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch training rows of similar length (old name of --train_sampling_strategy group_by_length)."},
+    )
 
     def __post_init__(self) -> None:
         if self.evaluation_strategy is not None:
@@ -148,6 +163,8 @@ class TrainingArguments(Seq2SeqTrainingArguments):
             # accelerate treats ranks on a machine without an accelerator as data-parallel only with
             # use_cpu; otherwise each rank trains alone (no gradient all-reduce) and saves its own result.
             self.use_cpu = True
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
         super().__post_init__()
 
 

@@ -19,16 +19,20 @@ Layouts (a row is one JSON object):
 Token layouts follow the reference recipe (spec §8.2, §9); ``a`` is the prompt, ``b`` the response:
 
 - ChatGLM-6B training: ``a[:max_source-1] + [gMASK, sop] + b[:max_target-2] + [eop]``, labels -100
-  up to and including gMASK, right-padded with the pad id to ``max_source + max_target``. With a
-  history column the ``[Round i]`` template is used even for an empty history.
+  up to and including gMASK; the fixed length is ``max_source + max_target``. With a history
+  column the ``[Round i]`` template is used even for an empty history.
 - ChatGLM2-6B training: ``a = [gMASK, sop] + build_prompt(query, history)`` truncated to
   max_source (specials included), ``b`` truncated to max_target; ``ids = a + b + [eos]``, labels
-  ``[pad]*len(a) + b + [eos]``, right-padded to ``max_source + max_target + 1``.
+  ``[pad]*len(a) + b + [eos]``; the fixed length is ``max_source + max_target + 1``.
 - ChatGLM3-6B: data without history is "input-output" (the raw prompt, otherwise as ChatGLM2).
   Conversations (and prompt/response data with a history column) use the role-token template
   ``[gMASK, sop] + (<|role|> + metadata + "\\n" + content)* + [eos]``; a token is labelled when the
   token before it belongs to a loss-bearing message (every message but system and user, unless
-  ``"loss": false``, as the original); truncated and padded to ``max_source + max_target + 1``.
+  ``"loss": false``, as the original); truncated to ``max_source + max_target + 1``.
+- Training rows are left unpadded (each batch is padded to its own longest row by
+  ``collator.TrainBatchCollator``); with ``pad_to_max_length`` they are right-padded to the fixed
+  length with the pad id (labels: -100), the reference's layout. Right padding never changes a
+  real token's output: attention is causal after ``<sop>`` in every family.
 - Eval/predict, every family: the prompt alone, left-padded within each map batch by the
   tokenizer, and labels = the response encoded with special tokens, truncated to
   ``val_max_target_length``.
@@ -84,6 +88,7 @@ class DataArgs(Protocol):
     source_prefix: str | None
     train_format: str | None
     all_turns: bool
+    pad_to_max_length: bool
 
 
 class DataError(ValueError):
@@ -445,7 +450,9 @@ def _prompt_text(tokenizer: Any, family: str, turn: _Turn, train: bool) -> str:
 def _pad_right(
     ids: list[int], labels: list[int], length: int, pad_id: int, ignore_pad: bool
 ) -> tuple[list[int], list[int]]:
-    pad = length - len(ids)
+    """Right-pads ids and labels with the pad id to ``length`` (none when already that long);
+    with ``ignore_pad`` every label equal to the pad id becomes -100."""
+    pad = max(0, length - len(ids))
     ids, labels = ids + [pad_id] * pad, labels + [pad_id] * pad
     if ignore_pad:
         labels = [IGNORE_INDEX if label == pad_id else label for label in labels]
@@ -459,7 +466,7 @@ def _glm1_train(tokenizer: Any, prompt: str, response: str, args: DataArgs) -> t
     ids = tokenizer.build_inputs_with_special_tokens(a, b)
     context = len(a) + 1  # the prompt and [gMASK]
     labels = [IGNORE_INDEX] * context + ids[context:]
-    length = args.max_source_length + args.max_target_length
+    length = args.max_source_length + args.max_target_length if args.pad_to_max_length else 0
     return _pad_right(ids, labels, length, tokenizer.pad_token_id, args.ignore_pad_token_for_loss)
 
 
@@ -469,7 +476,7 @@ def _glm2_train(tokenizer: Any, prompt: str, response: str, args: DataArgs) -> t
     b = tokenizer.encode(response, add_special_tokens=False, truncation=True, max_length=args.max_target_length)
     eos = tokenizer.eos_token_id
     ids, labels = a + b + [eos], [tokenizer.pad_token_id] * len(a) + b + [eos]
-    length = args.max_source_length + args.max_target_length + 1
+    length = args.max_source_length + args.max_target_length + 1 if args.pad_to_max_length else 0
     return _pad_right(ids, labels, length, tokenizer.pad_token_id, args.ignore_pad_token_for_loss)
 
 
@@ -539,7 +546,7 @@ def _conversation_train(tokenizer: Any, messages: list[dict[str, Any]], args: Da
     labels = [IGNORE_INDEX] + [token if previous else IGNORE_INDEX for token, previous in zip(ids[1:], in_loss)]
     length = args.max_source_length + args.max_target_length + 1
     ids, labels = ids[:length], labels[:length]
-    pad = length - len(ids)
+    pad = length - len(ids) if args.pad_to_max_length else 0
     return ids + [tokenizer.pad_token_id] * pad, labels + [IGNORE_INDEX] * pad
 
 
@@ -555,8 +562,9 @@ def preprocess_train(
         family: FAMILY_*; detected from the tokenizer when None.
 
     Returns:
-        ``{"input_ids": [[...]], "labels": [[...]]}``, every row padded to the family's fixed
-        length; rows with an empty prompt or response (or no answer) produce nothing.
+        ``{"input_ids": [[...]], "labels": [[...]]}``, unpadded, or padded to the family's fixed
+        length with ``args.pad_to_max_length``; rows with an empty prompt or response (or no
+        answer) produce nothing.
     """
     family = family or tokenizer_family(tokenizer)
     prefix = args.source_prefix or ""
@@ -572,6 +580,16 @@ def preprocess_train(
             for turn in _turns(rows, args, expand_history=args.all_turns)
         ]
     return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}
+
+
+def train_label_pad_id(tokenizer: Any, args: DataArgs) -> int:
+    """The label that pads a training row: -100, or the pad id for prompt/response rows when
+    ``ignore_pad_token_for_loss`` is off (the reference then trains on the pads; role-token rows
+    always pad labels with -100). Per-batch padding with this label gives the fixed layout's
+    labels, cut at the batch's longest row."""
+    if args.ignore_pad_token_for_loss or _uses_role_tokens(tokenizer_family(tokenizer), args):
+        return IGNORE_INDEX
+    return tokenizer.pad_token_id
 
 
 def _conversation_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], max_length: int) -> list[int]:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DataCollatorForSeq2Seq, HfArgumentParser, set_seed
+from transformers import HfArgumentParser, set_seed
 
 from .arguments import DataTrainingArguments, ModelArguments, TrainingArguments
 from .checkpoint import CheckpointError, read_checkpoint_settings
-from .collator import PromptBatchCollator
-from .data import DataError, build_preprocess_function, load_rows, tokenizer_family
+from .collator import PromptBatchCollator, TrainBatchCollator
+from .data import DataError, build_preprocess_function, load_rows, tokenizer_family, train_label_pad_id
 from .loading import load_model
 from .lora import LoraOptions
 from .methods import MethodError, count_parameters, resolve_method, settings_from_config
@@ -309,7 +309,19 @@ def _run(
         predict_dataset = _prepare(data_args.test_file, tokenizer, data_args, training_args, False, data_args.max_predict_samples)
 
     label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
-    train_collator = DataCollatorForSeq2Seq(tokenizer, model=None, label_pad_token_id=label_pad, padding=False)
+    if train_dataset is not None and not data_args.ignore_pad_token_for_loss and not data_args.pad_to_max_length:
+        logger.warning(
+            "--ignore_pad_token_for_loss False trains on the padding, so per-batch padding changes the loss; "
+            "add --pad_to_max_length for the reference's fixed layout"
+        )
+    if training_args.train_sampling_strategy == "group_by_length" and data_args.pad_to_max_length:
+        logger.warning("--group_by_length has nothing to group with --pad_to_max_length: every row has the same length")
+    train_collator = TrainBatchCollator(
+        tokenizer.pad_token_id,
+        label_pad_id=train_label_pad_id(tokenizer, data_args),
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
+        fixed_layout=data_args.pad_to_max_length,
+    )
     eval_collator = PromptBatchCollator(tokenizer, label_pad_id=label_pad)
     max_length = data_args.max_source_length + data_args.max_target_length + 1
     training_args.generation_max_length = training_args.generation_max_length or max_length
@@ -343,6 +355,7 @@ def _run(
         metrics = dict(
             result.metrics, train_samples=len(train_dataset), trainable_parameters=trainable, total_parameters=total
         )
+        metrics.update(_token_metrics(trainer.train_token_counts(), result.metrics["train_runtime"]))
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
@@ -359,6 +372,16 @@ def _run(
         trainer.save_metrics("eval", metrics)
     if predict_dataset is not None:
         _predict(trainer, predict_dataset, tokenizer, training_args, gen_kwargs)
+
+
+def _token_metrics(counts: dict[str, int], runtime: float) -> dict[str, float]:
+    """The token counts with their rates over the training runtime, and the padding share."""
+    metrics = dict(counts)
+    for key, value in counts.items():
+        metrics[f"{key}_per_second"] = round(value / runtime, 3) if runtime else 0.0
+    computed = counts["train_computed_tokens"]
+    metrics["train_padding_share"] = round(1 - counts["train_real_tokens"] / computed, 4) if computed else 0.0
+    return metrics
 
 
 def _predict(trainer: PromptTrainer, dataset, tokenizer, training_args: TrainingArguments, gen_kwargs: dict) -> None:

@@ -1,5 +1,6 @@
 """A small Seq2SeqTrainer subclass: prompt-only checkpoints, atomic and finite saves, a divergence
-guard, and a loss-curve plot. Everything else is the transformers Trainer as its users know it.
+guard, counted training tokens, length-sorted evaluation, the evaluation loss over label tokens, and a
+loss-curve plot. Everything else is the transformers Trainer as its users know it.
 """
 
 from __future__ import annotations
@@ -8,17 +9,20 @@ import logging
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import Seq2SeqTrainer, TrainerCallback
+from torch.utils.data import Sampler
+from transformers import EvalPrediction, Seq2SeqTrainer, TrainerCallback
 from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_deepspeed_zero3_enabled
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import PromptSettings, save_prefix_checkpoint
+from .collator import PROMPT_LENGTH_KEY, REAL_TOKENS_KEY
 from .head_loss import IGNORE_INDEX, shifted_labels
-from .collator import PROMPT_LENGTH_KEY
 from .methods import load_method_state
 from .prompt_learning import PrefixDropout
 from .run_folder import (
@@ -48,6 +52,11 @@ class PromptTrainer(Seq2SeqTrainer):
     finite, and a step whose loss or gradient norm is not finite stops the run before the optimizer
     applies it (`DivergenceGuard`). Under DeepSpeed only the trainable parameters are gathered and
     saved (never the frozen backbone).
+
+    Training batches' real (non-pad) and computed token counts are summed (`train_token_counts`).
+    With `sort_eval_by_length` (the default) evaluation/prediction rows are batched longest prompt
+    first, so each batch pads and generates little beyond its rows' own needs; predictions, label
+    ids and metrics are put back in the dataset's order (one per row, also across processes).
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class PromptTrainer(Seq2SeqTrainer):
         eval_collator=None,  # noqa: ANN001 - batches eval/predict rows (prompts + labels) when given
         generation_kwargs: dict | None = None,
         run_settings: dict | None = None,
+        sort_eval_by_length: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -72,12 +82,81 @@ class PromptTrainer(Seq2SeqTrainer):
         # replace a non-finite loss by the running mean first (the run stops at the first one anyway).
         self.args.logging_nan_inf_filter = False
         self.add_callback(DivergenceGuard(self))
+        self.sort_eval_by_length = sort_eval_by_length
+        self._token_counts = [0, 0]  # real, computed: this process's training batches
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):  # noqa: ANN001
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
+        gen_kwargs = {**self.generation_kwargs, **gen_kwargs}
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        with self._in_file_order(dataset):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test", **gen_kwargs):  # noqa: ANN001
-        return super().predict(test_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
+        with self._in_file_order(test_dataset) as file_order:
+            output = super().predict(test_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
+        return output._replace(predictions=file_order(output.predictions), label_ids=file_order(output.label_ids))
+
+    # --- batching ------------------------------------------------------------------------------
+    def eval_order(self, dataset) -> np.ndarray | None:  # noqa: ANN001
+        """The order eval/predict rows are batched in: longest prompt first, ties in dataset order;
+        None when rows stay in dataset order (sorting off, or rows without `input_ids`)."""
+        if not self.sort_eval_by_length or dataset is None or not hasattr(dataset, "column_names"):
+            return None
+        if "input_ids" not in dataset.column_names:
+            return None
+        lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+        return np.argsort(-lengths, kind="stable")
+
+    def _get_eval_sampler(self, eval_dataset) -> Sampler | None:  # noqa: ANN001
+        order = self.eval_order(eval_dataset)
+        return super()._get_eval_sampler(eval_dataset) if order is None else _FixedOrderSampler(order.tolist())
+
+    @contextmanager
+    def _in_file_order(self, dataset):  # noqa: ANN001
+        """While evaluating `dataset`: compute_metrics sees predictions and labels one per dataset row
+        (the rows several processes repeat to even out their last batches are cut off) in dataset
+        order. Yields that same function of gathered per-row values, for predict's outputs."""
+        rows = len(dataset) if dataset is not None and not isinstance(dataset, dict) and hasattr(dataset, "__len__") else None
+        order = None if rows is None else self.eval_order(dataset)
+        inverse = None if order is None else np.argsort(order)
+
+        def file_order(values):  # noqa: ANN001, ANN202
+            return _rows_in_order(values, rows, inverse)
+
+        compute_metrics = self.compute_metrics
+        if rows is not None and compute_metrics is not None and not self.args.batch_eval_metrics:
+
+            def in_file_order(prediction: EvalPrediction) -> dict:
+                return compute_metrics(EvalPrediction(
+                    file_order(prediction.predictions), file_order(prediction.label_ids),
+                    inputs=file_order(prediction.inputs), losses=prediction.losses,
+                ))
+
+            self.compute_metrics = in_file_order
+        try:
+            yield file_order
+        finally:
+            self.compute_metrics = compute_metrics
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: ANN001
+        """The Trainer's micro-batches of one optimizer step; also counts their real tokens (the
+        collator's `REAL_TOKENS_KEY`, removed here before the forward) and computed tokens."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batch_samples:
+            computed = batch["input_ids"].numel()
+            real = batch.pop(REAL_TOKENS_KEY, None)
+            self._token_counts[0] += computed if real is None else int(real)
+            self._token_counts[1] += computed
+        return batch_samples, num_items_in_batch
+
+    def train_token_counts(self) -> dict[str, int]:
+        """Real (non-pad) and computed (padding included) tokens of the training batches this run
+        trained on, summed over every process (call it on every rank)."""
+        counts = torch.tensor(self._token_counts, dtype=torch.long, device=self.args.device)
+        real, computed = self.accelerator.reduce(counts, reduction="sum").tolist()
+        return {"train_real_tokens": real, "train_computed_tokens": computed}
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):  # noqa: ANN001
         if is_training or self.eval_collator is None:
@@ -243,6 +322,7 @@ class PromptTrainer(Seq2SeqTrainer):
         evaluation's running totals, from which `evaluation_loop` reports `eval_loss`."""
         inputs = self._prepare_inputs(inputs)
         inputs.pop(PROMPT_LENGTH_KEY, None)
+        inputs.pop(REAL_TOKENS_KEY, None)
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError("evaluation rows carry no labels: the evaluation loss needs prompt + answer rows")
@@ -393,6 +473,33 @@ class DivergenceGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
         self.trainer.check_step_is_finite()
+
+
+class _FixedOrderSampler(Sampler):
+    """Yields the given dataset indices, in that order."""
+
+    def __init__(self, order: list[int]):
+        self.order = order
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def _rows_in_order(values, rows: int | None, inverse: np.ndarray | None):  # noqa: ANN001, ANN202
+    """Gathered per-row `values` (an array, a tuple of arrays, or None) cut to the dataset's `rows`
+    (evenly sharded processes repeat rows at the end) and, with `inverse`, put back in dataset order."""
+    if values is None or rows is None:
+        return values
+    if isinstance(values, (tuple, list)):
+        return type(values)(_rows_in_order(v, rows, inverse) for v in values)
+    values = np.asarray(values)
+    if not values.ndim or len(values) < rows:
+        return values
+    values = values[:rows]
+    return values if inverse is None else values[inverse]
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

@@ -1,9 +1,12 @@
 """Evaluation throughput: batched generation and metric scoring.
 
 Measures, in one run on this machine:
-- evaluation (generation through PromptTrainer.predict, greedy) at eval batch size 1 and 8 on the
-  embedded tiny model and on a mid-size ChatGLM2-shaped model with random weights: samples/s,
-  generated tokens/s, and the batch-8 / batch-1 ratio;
+- evaluation (generation through PromptTrainer.predict, greedy) on the embedded tiny model and on a
+  mid-size ChatGLM2-shaped model with random weights, over the rows of data_samples/adgen_dev.json:
+  at eval batch 1, and at batch 8 in file order and length-sorted (PromptTrainer's default:
+  longest prompt first, predictions put back in file order): samples/s, generated tokens/s, the
+  ratio to batch 1 and, for the sorted rows, to file order at the same batch size; the predictions
+  of every configuration are checked equal to batch 1's;
 - metric scoring (ROUGE-1/2/L + BLEU-4, metrics.compute_metrics) of 1,000 and 10,000 pairs, serial
   and on every core, with the ratio.
 
@@ -66,7 +69,13 @@ def _eval_dataset(tokenizer, samples: int, max_source: int, max_target: int):
     return mapped.select_columns(["input_ids", "labels"])
 
 
-def bench_generation(model_dir: Path, label: str, batch_sizes: list[int], samples: int, max_new: int, max_source: int = 64) -> list[dict]:
+FILE_ORDER, SORTED = "file order", "length-sorted"
+CONFIGS = ((1, FILE_ORDER), (8, FILE_ORDER), (8, SORTED))  # (eval batch size, row order)
+
+
+def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new: int, max_source: int = 64, rounds: int = 1) -> list[dict]:  # noqa: ANN001
+    """Each configuration's fastest of `rounds` runs (batch 1, the slow baseline, runs once); the
+    configurations alternate within a round, so a change in the machine's load falls on all alike."""
     from chatglm_ptuning.arguments import TrainingArguments
     from chatglm_ptuning.collator import PromptBatchCollator
     from chatglm_ptuning.loading import load_model
@@ -75,30 +84,43 @@ def bench_generation(model_dir: Path, label: str, batch_sizes: list[int], sample
     model, tokenizer = load_model(model_dir, device="cpu", dtype=torch.float32)
     dataset = _eval_dataset(tokenizer, samples, max_source, max_new)
     params = sum(p.numel() for p in model.parameters())
+    seconds: dict[tuple, float] = {}
+    predictions: dict[tuple, torch.Tensor] = {}
+    for round_index in range(rounds):
+        for config in configs:
+            batch_size, order = config
+            if batch_size == 1 and round_index:
+                continue
+            with tempfile.TemporaryDirectory() as out:
+                args = TrainingArguments(output_dir=out, per_device_eval_batch_size=batch_size, predict_with_generate=True,
+                                         report_to=[], use_cpu=True, disable_tqdm=True)
+                collator = PromptBatchCollator(tokenizer)
+                trainer = PromptTrainer(
+                    model=model, args=args, processing_class=tokenizer, data_collator=collator, eval_collator=collator,
+                    # A fixed answer budget per row (prompt + max_new), greedy: comparable across batch sizes.
+                    generation_kwargs={"do_sample": False, "max_length": max_source + max_new},
+                    sort_eval_by_length=order == SORTED,
+                )
+                start = time.perf_counter()
+                output = trainer.predict(dataset)
+                seconds[config] = min(seconds.get(config, float("inf")), time.perf_counter() - start)
+            predictions[config] = torch.as_tensor(output.predictions)
+    baseline = predictions[configs[0]]
     rows = []
-    for batch_size in batch_sizes:
-        with tempfile.TemporaryDirectory() as out:
-            args = TrainingArguments(output_dir=out, per_device_eval_batch_size=batch_size, predict_with_generate=True,
-                                     report_to=[], use_cpu=True, disable_tqdm=True)
-            collator = PromptBatchCollator(tokenizer)
-            trainer = PromptTrainer(
-                model=model, args=args, processing_class=tokenizer, data_collator=collator, eval_collator=collator,
-                # A fixed answer budget per row (prompt + max_new), greedy: comparable across batch sizes.
-                generation_kwargs={"do_sample": False, "max_length": max_source + max_new},
-            )
-            start = time.perf_counter()
-            output = trainer.predict(dataset)
-            seconds = time.perf_counter() - start
-        predictions = torch.as_tensor(output.predictions)
-        generated = int(((predictions != tokenizer.pad_token_id) & (predictions != -100)).sum())
+    for config in configs:
+        batch_size, order = config
+        generated = int(((predictions[config] != tokenizer.pad_token_id) & (predictions[config] != -100)).sum())
         rows.append({
-            "model": label, "parameters": params, "batch_size": batch_size, "samples": len(dataset),
-            "seconds": round(seconds, 3), "samples_per_s": round(len(dataset) / seconds, 3),
-            "generated_tokens_per_s": round(generated / seconds, 1),
+            "model": label, "parameters": params, "batch_size": batch_size, "order": order, "samples": len(dataset),
+            "seconds": round(seconds[config], 3), "samples_per_s": round(len(dataset) / seconds[config], 3),
+            "generated_tokens_per_s": round(generated / seconds[config], 1),
+            "predictions_equal_batch_1": bool(torch.equal(predictions[config], baseline)),
         })
     base = rows[0]["samples_per_s"]
     for row in rows:
         row["ratio_vs_batch_1"] = round(row["samples_per_s"] / base, 2)
+        same_batch = [r for r in rows if r["batch_size"] == row["batch_size"] and r["order"] == FILE_ORDER]
+        row["ratio_vs_file_order"] = round(row["samples_per_s"] / same_batch[0]["samples_per_s"], 2) if same_batch else None
     return rows
 
 
@@ -137,20 +159,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "bench_eval.json"))
+    parser.add_argument("--samples", type=int, default=40, help="dev rows generated per configuration")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--skip-metrics", action="store_true", help="only the generation table")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each batch-8 configuration; the fastest is reported")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    samples, max_new = (4, 4) if args.quick else (16, 32)
-    result: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "quick": args.quick}
-    generation = bench_generation(EMBEDDED, "embedded tiny", [1, 8], samples, max_new)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    samples, max_new = (4, 4) if args.quick else (args.samples, 32)
+    result: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+                    "quick": args.quick, "max_source": 64, "max_new_tokens": max_new, "rounds": args.rounds,
+                    "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+    generation = bench_generation(EMBEDDED, "embedded tiny", CONFIGS, samples, max_new, rounds=args.rounds)
     if not args.quick:
         with tempfile.TemporaryDirectory() as tmp:
-            generation += bench_generation(_mid_size_model(Path(tmp) / "mid", 1024, 8), "mid (h1024, 8 layers)", [1, 8], samples, max_new)
+            mid = _mid_size_model(Path(tmp) / "mid", 1024, 8)
+            generation += bench_generation(mid, "mid (h1024, 8 layers)", CONFIGS, samples, max_new, rounds=args.rounds)
     result["generation"] = generation
-    result["metrics"] = bench_metrics([50] if args.quick else [1000, 10000])
+    if not args.skip_metrics:
+        result["metrics"] = bench_metrics([50] if args.quick else [1000, 10000])
     print("## Evaluation (greedy generation through PromptTrainer.predict)\n")
+    print(result["machine"] + f"; load average {result['load_average_1_5_15min']}\n")
     print(_markdown(generation))
-    print("\n## Metric scoring\n")
-    print(_markdown(result["metrics"]))
+    if "metrics" in result:
+        print("\n## Metric scoring\n")
+        print(_markdown(result["metrics"]))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"\nwritten to {args.output}")

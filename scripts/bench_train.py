@@ -22,6 +22,19 @@ transformers 5.x) is reported with its error.
     python -m scripts.bench_train                       # tiny and mid, fp32 and bf16, checkpointing off/on
     python -m scripts.bench_train --sizes mid --dtypes fp32 --profile
     python -m scripts.bench_train --quick               # smoke test (used by the tests)
+
+`--padding` measures instead what per-batch padding saves against the reference's fixed layout
+(every row right-padded to max_source + max_target + 1 = 193 tokens), on the mid model with
+P-tuning v2 and activation checkpointing (the recipe's training), fed the rows of
+data_samples/adgen_train.json as ChatGLM3 input-output features (the real ChatGLM3 tokenizer under
+$CHATGLM_TOKENIZERS_DIR): at batch 1 x accumulation 16 and at batch 8, training samples/s of the
+fixed layout, per-batch padding, and per-batch padding with transformers' length-grouped sampler
+(`--group_by_length`). Each configuration trains `--samples` rows of a seeded shuffle of the whole
+file, as the Trainer's sampler draws them, in a fresh child: the fixed and per-batch layouts the same
+rows (their loss sums agree), the length-grouped order other rows, so ratios are of real
+(non-pad) tokens/s, which for the same rows is the samples/s ratio.
+
+    python -m scripts.bench_train --padding --threads 1
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ import torch
 
 from scripts.bench_common import (
     DTYPES,
+    run_isolated,
     OURS,
     OURS_NO_PREFIX,
     PEER,
@@ -224,6 +238,154 @@ def profile_step(shape: ModelShape, variant: str, dtype: str, batch: int, prompt
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
+# ---------------------------------------------------------------- per-batch padding vs fixed layout
+
+FIXED, PER_BATCH, GROUPED = "fixed layout", "per-batch padding", "per-batch + group_by_length"
+PAD_LAYOUTS = (FIXED, PER_BATCH, GROUPED)
+PAD_SETTINGS = ((1, 16), (8, 1))  # (batch, gradient accumulation): the recipe's, and batch 8
+ADGEN_TRAIN = REPO / "data_samples" / "adgen_train.json"
+
+
+def default_tokenizer_dir() -> Path:
+    """The real ChatGLM3 tokenizer (whose ADGEN rows average 110 of 193 tokens), else the embedded one."""
+    shared = Path(os.environ.get("CHATGLM_TOKENIZERS_DIR", REPO.parent / "shared" / "tokenizers")) / "chatglm3-6b"
+    return shared if (shared / "tokenizer.model").is_file() else REPO / "chatglm_ptuning" / "embedded"
+
+
+def adgen_training_features(tokenizer_dir: Path, fixed: bool, max_source: int, max_target: int) -> tuple[list[dict], int]:
+    """The training rows of data_samples/adgen_train.json as the CLI preprocesses them, and the pad id."""
+    from transformers import AutoTokenizer
+
+    from chatglm_ptuning.arguments import DataTrainingArguments
+    from chatglm_ptuning.data import load_rows, preprocess_train
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    args = DataTrainingArguments(train_file=str(ADGEN_TRAIN), prompt_column="content", response_column="summary",
+                                 max_source_length=max_source, max_target_length=max_target, pad_to_max_length=fixed)
+    rows = load_rows(ADGEN_TRAIN, args).rows
+    features = preprocess_train(tokenizer, {key: [row[key] for row in rows] for key in rows[0]}, args)
+    return [{"input_ids": i, "labels": l} for i, l in zip(features["input_ids"], features["labels"])], tokenizer.pad_token_id
+
+
+def training_order(lengths: list[int], grouped: bool, batch: int, accumulation: int, seed: int) -> list[int]:
+    """Row order the Trainer's sampler gives: RandomSampler, or LengthGroupedSampler over
+    batch x accumulation (the Trainer's grouping size), both seeded."""
+    from torch.utils.data import RandomSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    generator = torch.Generator().manual_seed(seed)
+    if grouped:
+        return list(LengthGroupedSampler(batch * accumulation, lengths=lengths, generator=generator))
+    return list(RandomSampler(range(len(lengths)), generator=generator))
+
+
+def padding_case(
+    shape: ModelShape, layout: str, batch: int, accumulation: int, samples: int, dtype: str, tokenizer_dir: str,
+    max_source: int, max_target: int, seed: int,
+) -> dict:
+    """Runs in a child: one warm-up micro-batch, then `samples` rows in micro-batches of `batch`, an
+    optimizer step every `accumulation` micro-batches (loss / accumulation, as the Trainer scales it)."""
+    from chatglm_ptuning.collator import REAL_TOKENS_KEY, TrainBatchCollator
+
+    fixed = layout == FIXED
+    rows, pad_id = adgen_training_features(Path(tokenizer_dir), fixed, max_source, max_target)
+    unpadded, _ = adgen_training_features(Path(tokenizer_dir), False, max_source, max_target) if fixed else (rows, pad_id)
+    order = training_order([len(r["input_ids"]) for r in unpadded], layout == GROUPED, batch, accumulation, seed)
+    collate = TrainBatchCollator(pad_id, fixed_layout=fixed)
+    model = build_model(shape, OURS, DTYPES[dtype])
+    model.train()
+    enable_checkpointing(model)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-3, fused=True)
+
+    def micro_batch(indices: list[int]) -> tuple[float, int, int]:
+        inputs = collate([rows[i] for i in indices])
+        real = int(inputs.pop(REAL_TOKENS_KEY))
+        loss = model(**inputs).loss
+        (loss / accumulation).backward()
+        return float(loss.detach()), real, inputs["input_ids"].numel()
+
+    micro_batch(order[samples : samples + batch])  # warm-up, on rows outside the timed ones
+    optimizer.zero_grad(set_to_none=True)
+    losses, real, computed = [], 0, 0
+    start = time.perf_counter()
+    for step, first in enumerate(range(0, samples, batch), start=1):
+        loss, batch_real, batch_computed = micro_batch(order[first : first + batch])
+        losses.append(loss)
+        real, computed = real + batch_real, computed + batch_computed
+        if step % accumulation == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": round(seconds, 2), "samples_per_s": round(samples / seconds, 4), "real_tokens": real,
+        "real_tokens_per_s": round(real / seconds, 2),
+        "computed_tokens": computed, "padding_share": round(1 - real / computed, 3),
+        "loss_sum": round(sum(losses), 4), "mean_row_tokens": round(real / samples, 1),
+    }
+
+
+def padding_main(args: argparse.Namespace) -> dict:
+    shape = SHAPES["tiny" if args.quick else "mid"]  # the ChatGLM vocabulary: real token ids
+    samples = 4 if args.quick else args.samples
+    settings = ((1, 2), (2, 1)) if args.quick else PAD_SETTINGS
+    max_source, max_target = (32, 64) if args.quick else (64, 128)
+    tokenizer_dir = args.tokenizer or default_tokenizer_dir()
+    info = machine_info()
+    cases = [(b, a, layout) for b, a in settings for layout in PAD_LAYOUTS if not (layout == GROUPED and b == 1)]
+    runs: dict[tuple, list[dict]] = {case: [] for case in cases}
+    for round_index in range(args.rounds):
+        shift = round_index % len(cases)
+        for batch, accumulation, layout in cases[shift:] + cases[:shift]:
+            kwargs = {"shape": shape, "layout": layout, "batch": batch, "accumulation": accumulation, "samples": samples,
+                      "dtype": args.dtypes[0], "tokenizer_dir": str(tokenizer_dir), "max_source": max_source,
+                      "max_target": max_target, "seed": 0}
+            result = run_isolated(padding_case, kwargs, args.threads, args.timeout)
+            result.pop("traceback", None)
+            runs[(batch, accumulation, layout)].append(result)
+            print(f"  batch {batch} x {accumulation} {layout}: {result.get('samples_per_s', result.get('error'))}", flush=True)
+    rows = []
+    for (batch, accumulation, layout), results in runs.items():
+        failed = [r for r in results if "error" in r]
+        row = failed[0] if failed else merge_rounds(results, ("seconds",))
+        if not failed:
+            row["samples_per_s"] = round(samples / row["seconds"], 4)
+            row["real_tokens_per_s"] = round(row["real_tokens"] / row["seconds"], 2)
+        rows.append({"batch x accumulation": f"{batch} x {accumulation}", "layout": layout, **row})
+    for row in rows:
+        fixed = next(r for r in rows if r["batch x accumulation"] == row["batch x accumulation"] and r["layout"] == FIXED)
+        if "error" not in row and "error" not in fixed:
+            # real tokens/s: the length-grouped order trains other rows than the random one (equal for the others)
+            row["x_fixed_layout"] = round(row["real_tokens_per_s"] / fixed["real_tokens_per_s"], 3)
+            row["loss_sum_equal"] = abs(row["loss_sum"] - fixed["loss_sum"]) < 1e-3 if row["layout"] == PER_BATCH else None
+    goals = {"1 x 16": 1.6, "8 x 1": 1.3}
+    goal_rows = [
+        {"batch x accumulation": r["batch x accumulation"], "per-batch / fixed": r.get("x_fixed_layout"),
+         "goal": f">= {goals[r['batch x accumulation']]}",
+         "met": "yes" if (r.get("x_fixed_layout") or 0) >= goals[r["batch x accumulation"]] else "no"}
+        for r in rows if r["layout"] == PER_BATCH and r["batch x accumulation"] in goals
+    ]
+    report = {
+        "machine": info,
+        "settings": {"shape": vars(shape), "dtype": args.dtypes[0], "checkpointing": "on", "samples": samples,
+                     "rounds": args.rounds, "threads": args.threads, "max_source": max_source, "max_target": max_target,
+                     "tokenizer": str(tokenizer_dir), "data": str(ADGEN_TRAIN.relative_to(REPO))},
+        "rows": rows,
+        "goals": goal_rows,
+    }
+    print(f"\n## Training samples/s: per-batch padding vs the fixed layout ({shape.name} model, {args.dtypes[0]}, "
+          f"P-tuning v2 prefix {shape.prefix}, checkpointing on, {samples} ADGEN rows per configuration)\n")
+    print(machine_line(info))
+    print(markdown(rows, ["batch x accumulation", "layout", "samples_per_s", "real_tokens_per_s", "x_fixed_layout", "mean_row_tokens",
+                          "padding_share", "computed_tokens", "loss_sum", "loss_sum_equal", "seconds", "error"]))
+    print()
+    print(markdown(goal_rows, ["batch x accumulation", "per-batch / fixed", "goal", "met"]))
+    output = args.output if args.output != REPO / "benchmarks" / "bench_train.json" else REPO / "benchmarks" / "bench_train_padding.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten to {output}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smoke-test size, short sequences, one timed step")
@@ -240,7 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per variant")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "bench_train.json")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of ours and the peer (first size and dtype)")
+    parser.add_argument("--padding", action="store_true",
+                        help="measure per-batch padding against the fixed layout instead (see the module docstring)")
+    parser.add_argument("--samples", type=int, default=16, help="--padding: timed training rows per configuration")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="--padding: tokenizer folder (default: ChatGLM3's)")
     args = parser.parse_args(argv)
+    if args.padding:
+        return padding_main(args)
     if args.quick:
         args.sizes, args.batch, args.prompt_len, args.answer_len, args.repeats = ["quick"], 2, 8, 8, 1
     sizes = [SHAPES[name] for name in args.sizes]

@@ -99,6 +99,24 @@ def test_bench_eval_quick(tmp_path, capsys):
     result = bench_eval.main(["--quick", "--output", str(output)])
     assert json.loads(output.read_text())["generation"] == result["generation"]
     assert "## Evaluation" in capsys.readouterr().out
+    rows = result["generation"]
+    assert [(r["batch_size"], r["order"]) for r in rows] == [(1, "file order"), (8, "file order"), (8, "length-sorted")]
+    assert all(r["predictions_equal_batch_1"] for r in rows) and rows[2]["ratio_vs_file_order"] > 0
+
+
+def test_bench_train_padding_quick(tmp_path, capsys):
+    from scripts import bench_train
+
+    output = tmp_path / "padding.json"
+    report = bench_train.main(["--padding", "--quick", "--threads", "1", "--output", str(output)])
+    assert json.loads(output.read_text())["rows"] == report["rows"]
+    rows = {(r["batch x accumulation"], r["layout"]): r for r in report["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    for setting in ("1 x 2", "2 x 1"):
+        fixed, per_batch = rows[(setting, bench_train.FIXED)], rows[(setting, bench_train.PER_BATCH)]
+        assert per_batch["loss_sum_equal"] is True and per_batch["real_tokens"] == fixed["real_tokens"]
+        assert per_batch["computed_tokens"] < fixed["computed_tokens"] and per_batch["x_fixed_layout"] > 0
+    assert "per-batch padding vs the fixed layout" in capsys.readouterr().out
 
 
 def test_device_check_passes_on_the_cpu_and_refuses_a_missing_device(tmp_path, capsys):

@@ -106,12 +106,16 @@ def test_tokenizer_family(glm1, glm2, glm3):
 
 
 def test_glm1_train_layout(glm1):
-    args = data_args(max_source_length=4, max_target_length=5)
+    args = data_args(max_source_length=4, max_target_length=5, pad_to_max_length=True)
     features = preprocess_train(glm1, batch({"prompt": "你好", "response": "你好"}), args)
     # a + [gMASK, sop] + b + [eop], right-padded with pad 3 to 4 + 5 = 9.
     assert features["input_ids"] == [GLM1_NIHAO + [GLM1_GMASK, GLM1_SOP] + GLM1_NIHAO + [GLM1_EOP, GLM1_PAD, GLM1_PAD]]
     # -100 up to and including gMASK; from <sop> on labelled; pads -100.
     assert features["labels"] == [[X, X, X, GLM1_SOP] + GLM1_NIHAO + [GLM1_EOP, X, X]]
+    # By default the row is not padded: the collator pads each batch.
+    features = preprocess_train(glm1, batch({"prompt": "你好", "response": "你好"}), replace(args, pad_to_max_length=False))
+    assert features["input_ids"] == [GLM1_NIHAO + [GLM1_GMASK, GLM1_SOP] + GLM1_NIHAO + [GLM1_EOP]]
+    assert features["labels"] == [[X, X, X, GLM1_SOP] + GLM1_NIHAO + [GLM1_EOP]]
 
 
 def test_glm1_truncation_and_pad_labels(glm1):
@@ -121,7 +125,7 @@ def test_glm1_truncation_and_pad_labels(glm1):
     assert features["input_ids"] == [[5, GLM1_GMASK, GLM1_SOP, 5, GLM1_EOP]]
     assert features["labels"] == [[X, X, GLM1_SOP, 5, GLM1_EOP]]
     # Without ignore_pad_token_for_loss the label padding stays the pad id (3), the prompt stays -100.
-    args = data_args(max_source_length=4, max_target_length=5, ignore_pad_token_for_loss=False)
+    args = data_args(max_source_length=4, max_target_length=5, ignore_pad_token_for_loss=False, pad_to_max_length=True)
     features = preprocess_train(glm1, batch({"prompt": "你好", "response": "你好"}), args)
     assert features["labels"] == [[X, X, X, GLM1_SOP] + GLM1_NIHAO + [GLM1_EOP, GLM1_PAD, GLM1_PAD]]
 
@@ -158,11 +162,14 @@ def test_glm1_eval_left_pads_and_labels_with_specials(glm1):
 
 
 def test_glm2_train_layout(glm2):
-    args = data_args(max_source_length=17, max_target_length=3)
+    args = data_args(max_source_length=17, max_target_length=3, pad_to_max_length=True)
     features = preprocess_train(glm2, batch({"prompt": "你好", "response": "你好"}), args)
     # build_prompt gives "[Round 1]\n\n问：你好\n\n答："; ids = a + b + [eos], padded with 0 to 17 + 3 + 1.
     assert features["input_ids"] == [ROUND1 + GLM2_NIHAO + [EOS, 0]]
     assert features["labels"] == [[X] * 17 + GLM2_NIHAO + [EOS, X]]
+    features = preprocess_train(glm2, batch({"prompt": "你好", "response": "你好"}), replace(args, pad_to_max_length=False))
+    assert features["input_ids"] == [ROUND1 + GLM2_NIHAO + [EOS]]
+    assert features["labels"] == [[X] * 17 + GLM2_NIHAO + [EOS]]
 
 
 def test_glm2_truncation_counts_specials_and_pad_labels(glm2):
@@ -229,7 +236,7 @@ def conversation(*messages):
 
 
 def test_glm3_conversation_layout(glm3):
-    args = data_args(train_format="conversations", max_source_length=8, max_target_length=6)
+    args = data_args(train_format="conversations", max_source_length=8, max_target_length=6, pad_to_max_length=True)
     features = preprocess_train(glm3, batch(conversation(("user", "你好"), ("assistant", "你好"))), args)
     ids = GLM2_PREFIX + [GLM3_USER] + NEWLINE + GLM2_NIHAO + [GLM3_ASSISTANT] + NEWLINE + GLM2_NIHAO + [EOS]
     assert len(ids) == 13
@@ -241,7 +248,7 @@ def test_glm3_conversation_layout(glm3):
 
 
 def test_glm3_conversation_multi_turn_system_and_truncation(glm3):
-    args = data_args(train_format="conversations", max_source_length=20, max_target_length=10)
+    args = data_args(train_format="conversations", max_source_length=20, max_target_length=10, pad_to_max_length=True)
     row = conversation(
         ("system", "你好"), ("user", "你好"), ("assistant", "你好"), ("user", "你好"), ("assistant", "你好")
     )
@@ -342,7 +349,13 @@ def test_map_over_sample_files(glm2):
         build_preprocess_function(glm2, args, train=True), batched=True, remove_columns=dataset.column_names
     )
     assert len(train) == len(loaded.rows) == 40
-    assert {len(ids) for ids in train["input_ids"]} == {129}
+    lengths = [len(ids) for ids in train["input_ids"]]
+    assert max(lengths) <= 129 and min(lengths) < 100  # unpadded: each row its own length
+    fixed = dataset.map(
+        build_preprocess_function(glm2, replace(args, pad_to_max_length=True), train=True), batched=True,
+        remove_columns=dataset.column_names,
+    )
+    assert {len(ids) for ids in fixed["input_ids"]} == {129}
     evaluation = dataset.map(
         build_preprocess_function(glm2, args, train=False), batched=True, remove_columns=dataset.column_names
     )

@@ -131,7 +131,7 @@ def test_short_ptuning_lowers_the_loss():
     args = SimpleNamespace(
         prompt_column="content", response_column="summary", history_column=None, max_source_length=64,
         max_target_length=96, val_max_target_length=None, ignore_pad_token_for_loss=True, source_prefix="",
-        train_format=None, all_turns=False,
+        train_format=None, all_turns=False, pad_to_max_length=True,
     )
     rows = _rows("adgen_train.json")[:8]
     features = preprocess_train(tokenizer, {"content": [r["content"] for r in rows], "summary": [r["summary"] for r in rows]}, args)

@@ -387,7 +387,7 @@ def test_each_method_trains_saves_reloads_and_generates(tmp_path, model_dirs, ca
     # the reloaded model carries what was learnt: its loss on the training rows is below the first one
     rows = [json.loads(line) for line in Path(ADGEN_TRAIN).read_text(encoding="utf-8").splitlines()[:2]]
     data_args = DataTrainingArguments(train_file=ADGEN_TRAIN, prompt_column="content", response_column="summary",
-                                      max_source_length=24, max_target_length=24)
+                                      max_source_length=24, max_target_length=24, pad_to_max_length=True)
     batch = build_preprocess_function(tokenizer, data_args, train=True)(
         {"content": [r["content"] for r in rows], "summary": [r["summary"] for r in rows]})
     with torch.no_grad():
