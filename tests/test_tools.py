@@ -88,7 +88,7 @@ def expected_features(tokenizer, call_loss=True):
 
 
 def test_tool_row_ids_and_labels_match_the_original(tmp_path, glm3):
-    args = data_args(train_format="conversations", max_source_length=400, max_target_length=100)
+    args = data_args(train_format="conversations", max_source_length=400, max_target_length=100, pad_to_max_length=True)
     path = write(tmp_path, "tools.json", json.dumps([tool_row(), tool_row(loss=False)], ensure_ascii=False))
     rows = load_rows(path, args, "chatglm3")
     features = preprocess_train(glm3, batch(*rows.rows), args)
@@ -255,6 +255,6 @@ def test_tool_sample_files(glm3):
     assert set(calls) == {"get_weather", "search_trains", "convert_currency"} and len(calls) > len(train)
     assert any(not any(m["metadata"] for m in row["conversations"]) for row in train)  # some rows call no tool
     features = preprocess_train(glm3, batch(*train), args)
-    assert all(ids[-1] == glm3.pad_token_id for ids in features["input_ids"])  # nothing cut at 1024 + 128
+    assert all(ids[-1] == glm3.eos_token_id for ids in features["input_ids"])  # nothing cut at 1024 + 128
     references = [glm3.decode(labels, skip_special_tokens=True) for labels in preprocess_eval(glm3, batch(*dev), args)["labels"]]
     assert all(parse_call_text(text) for text in references)  # every dev row is evaluated on a call
