@@ -121,7 +121,7 @@ def test_chatglm2_build_prompt_matches_official(tokenizers):
         assert tok(prompt)["input_ids"] == case["ids"]
 
 
-def test_chatglm3_chat_input_matches_official(tokenizers):
+def test_chatglm3_chat_input_matches_official(tokenizers, shared_tokenizers):
     tok = tokenizers["chatglm3-6b"]
     golden = GOLDEN["chatglm3-6b"]
     for case in golden["build_chat_input"]:
