@@ -113,6 +113,7 @@ def test_console_scripts_resolve_to_mains_that_need_no_arguments():
         assert required == [], f"{name}: {target} needs {required}"
 
 
+@pytest.mark.slow
 def test_installed_metrics_script_scores_a_predictions_file(tmp_path):
     script = Path(sys.executable).parent / "chatglm-ptuning-metrics"
     installed = {e.name for e in importlib.metadata.entry_points(group="console_scripts")}

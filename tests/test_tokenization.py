@@ -304,6 +304,7 @@ def test_save_pretrained_round_trip(tokenizers, tmp_path, name, shared_tokenizer
     assert reloaded.decode(reloaded.encode(text)) == tok.decode(tok.encode(text))
 
 
+@pytest.mark.slow
 def test_auto_tokenizer_offline_without_remote_code(tmp_path, shared_tokenizers):
     """AutoTokenizer with HF_HUB_OFFLINE=1 and no trust_remote_code, with and without a model config.json."""
     root = shared_tokenizers

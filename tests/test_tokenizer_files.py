@@ -191,6 +191,7 @@ def test_download_with_a_wrong_checksum_writes_nothing(tmp_path, shared_tokenize
     assert not (tmp_path / "dest").exists()
 
 
+@pytest.mark.slow
 def test_fetch_command_fills_the_cache_through_hf_endpoint(tmp_path, shared_tokenizers):
     env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(REPO_ROOT))
@@ -220,6 +221,7 @@ def test_where_and_fetch_print_one_line_without_a_traceback(no_variable_empty_ca
     assert capsys.readouterr().out == f"{shared_tokenizers.resolve()}\n"
 
 
+@pytest.mark.slow
 def test_tests_needing_tokenizers_fail_with_the_one_message(tmp_path):
     """No variable, an empty cache, offline: every lookup site fails the test with the helper's message."""
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
