@@ -114,12 +114,12 @@ def download_tokenizers(dest: Path, endpoint: str | None = None, timeout: float 
 
     if huggingface_hub.is_offline_mode():
         raise TokenizerDownloadError("HF_HUB_OFFLINE is set")
-    first_name, first = next(iter(TOKENIZERS.items()))
+    first = next(iter(TOKENIZERS.values()))
+    url = huggingface_hub.hf_hub_url(first.repo_id, first.files[0][0], revision=first.revision, endpoint=endpoint)
     try:  # one quick request: hf_hub_download itself retries an unreachable host for about a minute per file
-        url = huggingface_hub.hf_hub_url(first.repo_id, first.files[0][0], revision=first.revision, endpoint=endpoint)
         huggingface_hub.get_hf_file_metadata(url, timeout=timeout)
     except Exception as err:  # the HTTP library (httpx or httpx2) and its errors vary with huggingface_hub's version
-        raise TokenizerDownloadError(f"the Hub is unreachable: {type(err).__name__}: {err}") from None
+        raise TokenizerDownloadError(f"the Hub did not answer for {url}: {type(err).__name__}: {err}") from None
     with tempfile.TemporaryDirectory(prefix="chatglm-tokenizers-") as staging:
         for name, spec in TOKENIZERS.items():
             for file, expected in spec.files:

@@ -166,7 +166,7 @@ def test_unreachable_hub_fails_at_once(tmp_path, online):
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
     start = time.monotonic()
-    with pytest.raises(TokenizerDownloadError, match="the Hub is unreachable"):
+    with pytest.raises(TokenizerDownloadError, match="the Hub did not answer for http://127.0.0.1:"):
         download_tokenizers(tmp_path / "dest", endpoint=closed)
     assert time.monotonic() - start < 15  # hf_hub_download's own retries alone sleep 1+2+4+8 s
     assert not (tmp_path / "dest").exists()
