@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from official_layout import tokenizers_dir, write_tiny_checkpoint
+from official_layout import write_tiny_checkpoint
+
+from chatglm_ptuning.tokenizer_files import TokenizerFilesNotFound, find_tokenizers_dir
 
 
 @pytest.fixture(scope="session")
-def shared_tokenizers():
+def shared_tokenizers() -> Path:
+    """The real tokenizer files' folder ($CHATGLM_TOKENIZERS_DIR, the user cache, or a download); the one
+    message of chatglm_ptuning.tokenizer_files fails every test that needs them when there is none."""
     try:
-        return tokenizers_dir()
-    except FileNotFoundError as err:
-        pytest.fail(str(err))
+        return find_tokenizers_dir()
+    except TokenizerFilesNotFound as err:
+        message = str(err)
+    pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback around the message
 
 
 @pytest.fixture(scope="session")

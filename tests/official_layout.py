@@ -6,7 +6,6 @@ package's model classes), so a loader test really checks that official files loa
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -14,19 +13,9 @@ import torch
 
 from chatglm_ptuning.configuration import ChatGLMConfig
 from chatglm_ptuning.official_format import write_official_folder
+from chatglm_ptuning.tokenizer_files import find_tokenizers_dir as tokenizers_dir  # the real tokenizer files, never copied into the repo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def tokenizers_dir() -> Path:
-    """The real ChatGLM tokenizer files (shared/, never copied into the project)."""
-    folder = Path(os.environ.get("CHATGLM_TOKENIZERS_DIR", REPO_ROOT.parent / "shared" / "tokenizers"))
-    if not (folder / "chatglm2-6b" / "tokenizer.model").is_file():
-        raise FileNotFoundError(
-            f"real ChatGLM tokenizer files not found under {folder}; set CHATGLM_TOKENIZERS_DIR to the folder holding "
-            "chatglm-6b/, chatglm2-6b/ and chatglm3-6b/"
-        )
-    return folder
 
 
 # Tiny shapes; vocabularies keep the real sizes so the real tokenizers fit.

@@ -68,6 +68,7 @@ def greedy(reference, query, history=(), max_new_tokens=24):
     return response
 
 
+@pytest.mark.slow
 def test_models(client, checkpoint, tiny_glm2_dir):
     models = client.models.list().data
     assert [model.id for model in models] == [MODEL_ID]
@@ -80,6 +81,7 @@ def test_models(client, checkpoint, tiny_glm2_dir):
         client.models.retrieve("gpt-4")
 
 
+@pytest.mark.slow
 def test_completion_is_the_greedy_chat_reply_with_usage(client, reference):
     reply = client.chat.completions.create(
         model="any-name", messages=[{"role": "user", "content": "你好"}], temperature=0, max_tokens=24
@@ -93,6 +95,7 @@ def test_completion_is_the_greedy_chat_reply_with_usage(client, reference):
     assert choice.finish_reason == ("length" if reply.usage.completion_tokens == 24 else "stop")
 
 
+@pytest.mark.slow
 def test_history_and_system_message(client, reference):
     messages = [
         {"role": "system", "content": "你是一个广告文案助手。"},
@@ -106,6 +109,7 @@ def test_history_and_system_message(client, reference):
     assert reply.choices[0].message.content == expected
 
 
+@pytest.mark.slow
 def test_streaming_deltas_add_up_to_the_reply(client, api_url):
     request = {
         "model": MODEL_ID,
@@ -167,6 +171,7 @@ BAD_REQUESTS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_bad_request_gets_a_clear_4xx(api_url, name):
     body, status, param, snippet = BAD_REQUESTS[name]
@@ -196,11 +201,13 @@ def test_chatglm3_keeps_system_messages_in_its_history():
     assert conversation(messages, message_history=False) == Turn("s\nq2", [("q1", "a1")])
 
 
+@pytest.mark.slow
 def test_openai_client_sees_bad_requests_as_errors(client):
     with pytest.raises(openai.BadRequestError, match="alternate"):
         client.chat.completions.create(model=MODEL_ID, messages=[message(), message()])
 
 
+@pytest.mark.slow
 def test_wrong_path_and_method(api_url):
     missing = httpx.get(f"{api_url}/completions")
     assert missing.status_code == 404 and "Not Found" in missing.json()["error"]["message"]

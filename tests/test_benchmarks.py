@@ -44,6 +44,7 @@ def test_rounds_merge_to_fastest_times_and_largest_memory():
     assert row["decode_tokens_per_s"] == round(2 * 4 / 1.0, 2) and row["generate_matches_forward"] is False
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_train_generate_quant_and_writes_reports(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# project\n\nintro\n")
@@ -92,6 +93,7 @@ def test_bench_quick_runs_train_generate_quant_and_writes_reports(tmp_path, caps
     assert readme.read_text().count(bench.README_START) == 1
 
 
+@pytest.mark.slow
 def test_bench_eval_quick(tmp_path, capsys):
     if not (bench_eval.EMBEDDED / "config.json").is_file():
         pytest.skip(f"the embedded model is not built ({bench_eval.EMBEDDED}; scripts/build_embedded_model.py)")

@@ -7,8 +7,6 @@ with the real tokenizers (checks the whole path through transformers' generate()
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,20 +24,12 @@ from chatglm_ptuning.families import FAMILIES, family_of, parse_chatglm3_respons
 from chatglm_ptuning.configuration import ARCH_GLM1, ARCH_GLM2
 from chatglm_ptuning.tokenization import ChatGLMTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 
 
-def tokenizers_dir() -> Path:
-    path = Path(os.environ.get("CHATGLM_TOKENIZERS_DIR", REPO.parent / "shared" / "tokenizers"))
-    if not all((path / name / "tokenizer_config.json").is_file() for name in NAMES):
-        pytest.fail(f"real ChatGLM tokenizer files not found under {path}; set CHATGLM_TOKENIZERS_DIR")
-    return path
-
-
 @pytest.fixture(scope="module")
-def tokenizers() -> dict[str, ChatGLMTokenizer]:
-    return {name: ChatGLMTokenizer.from_pretrained(tokenizers_dir() / name, local_files_only=True) for name in NAMES}
+def tokenizers(shared_tokenizers) -> dict[str, ChatGLMTokenizer]:
+    return {name: ChatGLMTokenizer.from_pretrained(shared_tokenizers / name, local_files_only=True) for name in NAMES}
 
 
 @pytest.fixture(scope="module")

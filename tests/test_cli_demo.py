@@ -44,6 +44,7 @@ def greedy(chat_model, query, history=(), max_length=48):
     return chat_model.model.chat(chat_model.tokenizer, query, list(history), max_length=max_length, do_sample=False)
 
 
+@pytest.mark.slow
 def test_command_line_session(tiny_glm2_dir, checkpoint):
     session = "你好\n\nclear\n再见\nexit\n这一行不会被读到\n"
     command = python_module(

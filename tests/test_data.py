@@ -8,7 +8,6 @@ ChatGLM3's chat input for "你好" is [64790, 64792, 64795, 30910, 13, 36474, 54
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -50,37 +49,27 @@ NEWLINE = [30910, 13]  # sp.encode("\n"): dummy-prefix piece then the newline by
 # ------------------------------------------------------------------------------ fixtures
 
 
-def tokenizers_dir() -> Path:
-    path = Path(os.environ.get("CHATGLM_TOKENIZERS_DIR", REPO.parent / "shared" / "tokenizers"))
-    if not path.is_dir():
-        pytest.fail(
-            f"tokenizer files not found at {path}: set CHATGLM_TOKENIZERS_DIR to the folder holding "
-            "chatglm-6b/, chatglm2-6b/ and chatglm3-6b/ (ice_text.model / tokenizer.model + tokenizer_config.json)"
-        )
-    return path
-
-
-def load_tokenizer(name):
+def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     import chatglm_ptuning  # noqa: F401  (registers the ChatGLM tokenizer)
 
-    return AutoTokenizer.from_pretrained(tokenizers_dir() / name)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
-def glm1():
-    return load_tokenizer("chatglm-6b")
+def glm1(shared_tokenizers):
+    return load_tokenizer(shared_tokenizers / "chatglm-6b")
 
 
 @pytest.fixture(scope="module")
-def glm2():
-    return load_tokenizer("chatglm2-6b")
+def glm2(shared_tokenizers):
+    return load_tokenizer(shared_tokenizers / "chatglm2-6b")
 
 
 @pytest.fixture(scope="module")
-def glm3():
-    return load_tokenizer("chatglm3-6b")
+def glm3(shared_tokenizers):
+    return load_tokenizer(shared_tokenizers / "chatglm3-6b")
 
 
 def data_args(**overrides):

@@ -28,6 +28,7 @@ def _logits(model, ids):
         return model(ids).logits.float()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["chatglm2", "chatglm"])
 def test_auto_classes_load_official_folder_offline_in_a_clean_process(tmp_path, arch, shared_tokenizers):
     folder = write_tiny_checkpoint(tmp_path / "m", arch)

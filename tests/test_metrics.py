@@ -219,6 +219,7 @@ def test_empty_file_is_an_error(tmp_path):
         read_predictions_file(predictions_file)
 
 
+@pytest.mark.slow
 def test_cli_subprocess_exit_code_without_traceback(tmp_path):
     predictions_file = tmp_path / "generated_predictions.txt"
     predictions_file.write_bytes(b'{"labels": "a", "predict": "a"}\n\xff\xfe\n')

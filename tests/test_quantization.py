@@ -493,6 +493,7 @@ def test_real_model_prefix_grads_match_dequantized_dense(real_models, architectu
             torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_and_writes_json(tmp_path):
     import json
     import subprocess

@@ -1,8 +1,7 @@
 """ChatGLM tokenizers against the official ones (golden outputs), the ids of the chat prompts,
 AutoTokenizer dispatch, left padding and save/load.
 
-The real tokenizer files are read from $CHATGLM_TOKENIZERS_DIR (default: <repo>/../shared/tokenizers;
-they are never copied into this repository).
+The real tokenizer files come from the `shared_tokenizers` fixture (chatglm_ptuning.tokenizer_files).
 tests/golden/tokenizer_cases.json holds what the official tokenization_chatglm.py files returned for
 the same calls (its "_note" says how it was produced).
 """
@@ -36,21 +35,9 @@ GOLDEN = json.loads((REPO / "tests" / "golden" / "tokenizer_cases.json").read_te
 FAMILIES = {"chatglm-6b": ChatGLM6BTokenizer, "chatglm2-6b": ChatGLM2Tokenizer, "chatglm3-6b": ChatGLM3Tokenizer}
 
 
-def tokenizers_dir() -> Path:
-    path = Path(os.environ.get("CHATGLM_TOKENIZERS_DIR", REPO.parent / "shared" / "tokenizers"))
-    missing = [name for name in FAMILIES if not (path / name / "tokenizer_config.json").is_file()]
-    if missing:
-        pytest.fail(
-            f"real ChatGLM tokenizer files not found under {path} (missing {missing}); "
-            "set CHATGLM_TOKENIZERS_DIR to the folder holding chatglm-6b/, chatglm2-6b/ and chatglm3-6b/"
-        )
-    return path
-
-
 @pytest.fixture(scope="module")
-def tokenizers() -> dict[str, ChatGLMTokenizer]:
-    root = tokenizers_dir()
-    return {name: ChatGLMTokenizer.from_pretrained(root / name, local_files_only=True) for name in FAMILIES}
+def tokenizers(shared_tokenizers) -> dict[str, ChatGLMTokenizer]:
+    return {name: ChatGLMTokenizer.from_pretrained(shared_tokenizers / name, local_files_only=True) for name in FAMILIES}
 
 
 def plain(value: Any) -> Any:
@@ -118,8 +105,8 @@ def test_decode_ids_match_official(tokenizers, name):
         assert getattr(tok, key) == value, key
 
 
-def test_chatglm6b_image_token_offset_matches_official():
-    tok = ChatGLMTokenizer.from_pretrained(tokenizers_dir() / "chatglm-6b", num_image_tokens=20000)
+def test_chatglm6b_image_token_offset_matches_official(shared_tokenizers):
+    tok = ChatGLMTokenizer.from_pretrained(shared_tokenizers / "chatglm-6b", num_image_tokens=20000)
     assert tok.vocab_size == 150344 and tok.bos_token_id == 150004
     for case in GOLDEN["chatglm-6b"]["num_image_tokens_20000"]["texts"]:
         ids = tok.encode(case["text"])
@@ -137,7 +124,7 @@ def test_chatglm2_build_prompt_matches_official(tokenizers):
         assert tok(prompt)["input_ids"] == case["ids"]
 
 
-def test_chatglm3_chat_input_matches_official(tokenizers):
+def test_chatglm3_chat_input_matches_official(tokenizers, shared_tokenizers):
     tok = tokenizers["chatglm3-6b"]
     golden = GOLDEN["chatglm3-6b"]
     for case in golden["build_chat_input"]:
@@ -146,7 +133,7 @@ def test_chatglm3_chat_input_matches_official(tokenizers):
         assert encoded(out) == case["output"]
     for case in golden["build_single_message"]:
         assert tok.build_single_message(case["role"], case["metadata"], case["message"]) == case["ids"]
-    special = ChatGLMTokenizer.from_pretrained(tokenizers_dir() / "chatglm3-6b", encode_special_tokens=True)
+    special = ChatGLMTokenizer.from_pretrained(shared_tokenizers / "chatglm3-6b", encode_special_tokens=True)
     assert type(special) is ChatGLM3Tokenizer
     for case in golden["encode_special_tokens"]:
         assert special.encode(case["text"]) == case["ids"]
@@ -301,8 +288,8 @@ def copy_folder(src: Path, dst: Path, config: dict | None = None, tokenizer_conf
     return dst
 
 
-def test_version_detection_for_tokenizer_model_folders(tmp_path):
-    root = tokenizers_dir()
+def test_version_detection_for_tokenizer_model_folders(tmp_path, shared_tokenizers):
+    root = shared_tokenizers
     unnamed = copy_folder(root / "chatglm3-6b", tmp_path / "unnamed", tokenizer_config={"name_or_path": "my-model"})
     assert type(ChatGLMTokenizer.from_pretrained(unnamed)) is ChatGLM2Tokenizer
     assert type(ChatGLMTokenizer.from_pretrained(unnamed, chatglm_version=3)) is ChatGLM3Tokenizer
@@ -319,8 +306,8 @@ def test_version_detection_for_tokenizer_model_folders(tmp_path):
         ChatGLMTokenizer.from_pretrained(tmp_path)
 
 
-def test_direct_construction_picks_family():
-    root = tokenizers_dir()
+def test_direct_construction_picks_family(shared_tokenizers):
+    root = shared_tokenizers
     assert type(ChatGLMTokenizer(str(root / "chatglm-6b" / "ice_text.model"), num_image_tokens=0)) is ChatGLM6BTokenizer
     assert type(ChatGLMTokenizer(vocab_file=str(root / "chatglm2-6b" / "tokenizer.model"))) is ChatGLM2Tokenizer
     glm3 = ChatGLMTokenizer(vocab_file=str(root / "chatglm3-6b" / "tokenizer.model"), chatglm_version=3)
@@ -328,7 +315,7 @@ def test_direct_construction_picks_family():
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_save_pretrained_round_trip(tokenizers, tmp_path, name):
+def test_save_pretrained_round_trip(tokenizers, tmp_path, name, shared_tokenizers):
     from transformers import AutoTokenizer
 
     import chatglm_ptuning  # noqa: F401  (registers ChatGLMTokenizer with AutoTokenizer)
@@ -339,7 +326,7 @@ def test_save_pretrained_round_trip(tokenizers, tmp_path, name):
     assert saved["tokenizer_class"] == "ChatGLMTokenizer"
     assert saved["chatglm_version"] == tok.chatglm_version
     vocab_name = tok.vocab_files_names["vocab_file"]
-    assert (tmp_path / vocab_name).read_bytes() == (tokenizers_dir() / name / vocab_name).read_bytes()
+    assert (tmp_path / vocab_name).read_bytes() == (shared_tokenizers / name / vocab_name).read_bytes()
     assert str(tmp_path / vocab_name) in files
     if name != "chatglm-6b":  # the official ChatGLM2/3 __init__ rejects these keys (read-only properties)
         assert not {"eos_token", "pad_token", "unk_token"} & saved.keys()
@@ -352,9 +339,10 @@ def test_save_pretrained_round_trip(tokenizers, tmp_path, name):
     assert reloaded.decode(reloaded.encode(text)) == tok.decode(tok.encode(text))
 
 
-def test_auto_tokenizer_offline_without_remote_code(tmp_path):
+@pytest.mark.slow
+def test_auto_tokenizer_offline_without_remote_code(tmp_path, shared_tokenizers):
     """AutoTokenizer with HF_HUB_OFFLINE=1 and no trust_remote_code, with and without a model config.json."""
-    root = tokenizers_dir()
+    root = shared_tokenizers
     with_model_config = copy_folder(
         root / "chatglm2-6b",
         tmp_path / "glm2_model",

@@ -91,6 +91,7 @@ def bot_texts(page) -> list[str]:
     return page.locator("#chatbot [data-testid='bot']").all_inner_texts()
 
 
+@pytest.mark.slow
 def test_web_demo_sh_without_a_checkpoint_says_how_to_make_one(tmp_path):
     env = server_env(OUTPUT_DIR=str(tmp_path), CHECKPOINT="")
     env.pop("MODEL_PATH", None)
@@ -108,6 +109,7 @@ def test_module_without_model_says_what_to_run(capsys):
     assert exit_info.value.code == 2 and "--model_name_or_path is required" in error and "bash web_demo.sh" in error
 
 
+@pytest.mark.slow
 def test_serves_the_last_complete_checkpoint_greedy_as_loaded_here(web_server, tiny_glm2_dir, output_dir):
     """The page's reply at temperature 0 is the greedy chat() reply of base + checkpoint-5 (not -3, not -9)."""
     client = gradio_client.Client(web_server, verbose=False)
@@ -118,6 +120,7 @@ def test_serves_the_last_complete_checkpoint_greedy_as_loaded_here(web_server, t
     assert expected
 
 
+@pytest.mark.slow
 def test_chat_streams_and_keeps_history_per_session(web_server):
     alice = gradio_client.Client(web_server, verbose=False)
     bob = gradio_client.Client(web_server, verbose=False)
@@ -134,6 +137,7 @@ def test_chat_streams_and_keeps_history_per_session(web_server):
     assert [text for role, text in bob_turns if role == "user"] == ["介绍一下你自己"]
 
 
+@pytest.mark.slow
 def test_empty_input_does_nothing_and_clear_forgets(web_server):
     client = gradio_client.Client(web_server, verbose=False)
     chatbot, _ = client.predict("   ", 64, 0.8, 0.95, api_name="/chat")
@@ -144,6 +148,7 @@ def test_empty_input_does_nothing_and_clear_forgets(web_server):
     assert [role for role, _ in after_clear] == ["user", "assistant"]
 
 
+@pytest.mark.slow
 def test_long_input_is_truncated_with_a_visible_notice(web_server):
     client = gradio_client.Client(web_server, verbose=False)
     long_message = "这是一段很长的输入。" * 80  # several hundred tokens, over the 256-token context
@@ -157,6 +162,7 @@ def test_long_input_is_truncated_with_a_visible_notice(web_server):
     assert shown[2][0] == "assistant" and len(shown) == 3
 
 
+@pytest.mark.slow
 def test_page_in_chromium_answers_and_renders_markdown(web_server, browser, output_dir, tmp_path):
     page, hosts = open_page(browser, web_server)
     info = page.locator("#model-info").inner_text()
@@ -235,6 +241,7 @@ def test_generation_error_shows_in_the_chat_and_the_server_keeps_serving(inproce
     assert after[-1][0] == "assistant" and "Generation failed" not in after[-1][1] and after[-1][1]
 
 
+@pytest.mark.slow
 def test_replies_render_markdown_and_code_blocks(inprocess, browser, monkeypatch):
     chat_model, url = inprocess
     reply = "用 **Python**：\n\n```python\nprint('你好')\n```"
@@ -261,6 +268,7 @@ def test_literal_markdown_keeps_code_and_escapes_the_rest():
     )
 
 
+@pytest.mark.slow
 def test_stop_button_ends_generation(inprocess, browser, monkeypatch):
     chat_model, url = inprocess
     watched = WatchedGenerate(chat_model.model.generate)
