@@ -19,7 +19,8 @@ from official_layout import REPO_ROOT
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-LOCAL_MODULES = {"chatglm_ptuning", "scripts", "tests", "official_layout", "servers", "conftest"}
+# The project itself and the test helpers next to this file (imported by module name from tests/).
+LOCAL_MODULES = {"chatglm_ptuning", "scripts", "tests"} | {path.stem for path in (REPO_ROOT / "tests").glob("*.py")}
 # Imports that need a distribution their own package does not declare.
 UNDECLARED_BY_PROVIDER = {"sentencepiece.sentencepiece_model_pb2": "protobuf"}
 

@@ -29,8 +29,8 @@ OBSERVATION = {"temperature": 23, "weather": "晴"}
 
 
 @pytest.fixture(scope="module")
-def glm3():
-    return load_tokenizer("chatglm3-6b")
+def glm3(shared_tokenizers):
+    return load_tokenizer(shared_tokenizers / "chatglm3-6b")
 
 
 def tool_row(**tool_step):
