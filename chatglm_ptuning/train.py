@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, set_seed
 from .arguments import DataTrainingArguments, ModelArguments, TrainingArguments
 from .checkpoint import CheckpointError, read_checkpoint_settings
 from .collator import PromptBatchCollator, TrainBatchCollator
+from .constants import IGNORE_INDEX
 from .data import DataError, build_preprocess_function, load_rows, tokenizer_family, train_label_pad_id
 from .loading import load_model
 from .lora import LoraOptions
@@ -308,7 +309,7 @@ def _run(
             raise ValueError("--do_predict generates answers: add --predict_with_generate")
         predict_dataset = _prepare(data_args.test_file, tokenizer, data_args, training_args, False, data_args.max_predict_samples)
 
-    label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
+    label_pad = IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
     if train_dataset is not None and not data_args.ignore_pad_token_for_loss and not data_args.pad_to_max_length:
         logger.warning(
             "--ignore_pad_token_for_loss False trains on the padding, so per-batch padding changes the loss; "
@@ -393,10 +394,10 @@ def _predict(trainer: PromptTrainer, dataset, tokenizer, training_args: Training
         return
     pad = tokenizer.pad_token_id
     predictions = tokenizer.batch_decode(
-        [[t for t in row if t != -100] for row in output.predictions.tolist()], skip_special_tokens=True
+        [[t for t in row if t != IGNORE_INDEX] for row in output.predictions.tolist()], skip_special_tokens=True
     )
     labels = tokenizer.batch_decode(
-        [[t if t != -100 else pad for t in row] for row in output.label_ids.tolist()], skip_special_tokens=True
+        [[t if t != IGNORE_INDEX else pad for t in row] for row in output.label_ids.tolist()], skip_special_tokens=True
     )
     path = Path(training_args.output_dir) / "generated_predictions.txt"
     with open(path, "w", encoding="utf-8") as handle:
