@@ -22,10 +22,9 @@ from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
 from .checkpoint import (
-    LORA_CONFIG_FILE,
-    SETTINGS_FILE,
     CheckpointError,
     PromptSettings,
+    has_method_settings,
     iter_weight_tensors,
     release_file_pages,
     read_checkpoint_settings,
@@ -290,7 +289,7 @@ def load_model_weights(
     where = f"checkpoint {ptuning_checkpoint}"
     settings = None
     if ptuning_checkpoint is not None:
-        if method == "full" and not _has_method_settings(ptuning_checkpoint):
+        if method == "full" and not has_method_settings(ptuning_checkpoint):
             settings = PromptSettings(None, method="full")  # a whole model folder, as the Trainer saves it
         else:
             settings = read_checkpoint_settings(ptuning_checkpoint)
@@ -357,10 +356,6 @@ def load_model_weights(
         model = load_lora(model, ptuning_checkpoint) if ptuning_checkpoint is not None else add_lora(model, lora_options)
     model.eval()
     return model
-
-
-def _has_method_settings(folder: str | os.PathLike) -> bool:
-    return any((Path(folder) / name).is_file() for name in (SETTINGS_FILE, LORA_CONFIG_FILE))
 
 
 def _tied_keys(model: ChatGLMLMBase) -> set[str]:
