@@ -24,6 +24,7 @@ from transformers.utils import logging
 from .configuration import ARCH_GLM1, ARCH_GLM2, detect_architecture
 from .prompt_learning import (
     ENCODER_TYPES,
+    METHODS,
     PREFIX_KEY_PREFIX,
     SOFT_PROMPT_KEY_PREFIXES,
     SOFT_PROMPT_METHODS,
@@ -32,8 +33,6 @@ from .prompt_learning import (
 SETTINGS_FILE = "ptuning_config.json"  # the settings a method checkpoint carries beside its weights
 PREFIX_WEIGHTS_FILE = "model.safetensors"
 LORA_CONFIG_FILE = "adapter_config.json"  # PEFT's adapter settings (a LoRA checkpoint)
-# Every tuning method; the soft-prompt ones first (prompt_learning.py), then LoRA (PEFT) and full fine-tuning.
-METHODS = SOFT_PROMPT_METHODS + ("lora", "full")
 
 # Weight files in the order they are looked for: newer transformers write safetensors.
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -283,6 +282,11 @@ def _architecture_from_prefix(state: dict[str, torch.Tensor]) -> str:
     if trans2 is not None:
         return ARCH_GLM2 if trans2.shape[0] == embedding.shape[1] else ARCH_GLM1
     return ARCH_GLM2
+
+
+def has_method_settings(folder: str | os.PathLike) -> bool:
+    """Whether `folder` states its method: this toolkit's settings file or PEFT's adapter config."""
+    return any((Path(folder) / name).is_file() for name in (SETTINGS_FILE, LORA_CONFIG_FILE))
 
 
 def read_checkpoint_settings(path: str | os.PathLike) -> PromptSettings:

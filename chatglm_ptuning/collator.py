@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .constants import IGNORE_INDEX
+
 PROMPT_LENGTH_KEY = "prompt_length"  # per-row prompt length, for per-row generation budgets
 REAL_TOKENS_KEY = "real_tokens"  # non-pad tokens of a training batch, counted by PromptTrainer
 
@@ -39,7 +41,7 @@ class TrainBatchCollator:
     """
 
     pad_id: int
-    label_pad_id: int = -100
+    label_pad_id: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
     fixed_layout: bool = False
 
@@ -66,7 +68,7 @@ class PromptBatchCollator:
     """
 
     tokenizer: Any
-    label_pad_id: int = -100
+    label_pad_id: int = IGNORE_INDEX
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [{"input_ids": list(f["input_ids"])} for f in features]

@@ -16,7 +16,9 @@ Layouts (a row is one JSON object):
   tool step becomes the assistant's function call (metadata = name, content = the fenced
   ``tool_call(k=v, ...)``) followed by the observation (non-string values JSON-encoded, no loss).
 
-Token layouts follow the reference recipe (spec §8.2, §9); ``a`` is the prompt, ``b`` the response:
+Token layouts follow the reference's ``preprocess_function_train`` / ``preprocess_function_eval``
+(ChatGLM-6B and ChatGLM2-6B ``ptuning/main.py``) and, for role-token conversations, the ChatGLM3
+fine-tuning demo (``finetune_chatmodel_demo/preprocess_utils.py``); ``a`` is the prompt, ``b`` the response:
 
 - ChatGLM-6B training: ``a[:max_source-1] + [gMASK, sop] + b[:max_target-2] + [eop]``, labels -100
   up to and including gMASK; the fixed length is ``max_source + max_target``. With a history
@@ -533,7 +535,8 @@ def _message_ids(tokenizer: Any, message: dict[str, Any]) -> list[int]:
 
 
 def _conversation_train(tokenizer: Any, messages: list[dict[str, Any]], args: DataArgs) -> tuple[list[int], list[int]]:
-    """ChatGLM3 role-token layout; labels follow the loss mask shifted by one (spec §9)."""
+    """ChatGLM3 role-token layout; labels follow the loss mask shifted by one (as the ChatGLM3
+    fine-tuning demo's ``preprocess_utils.py``)."""
     ids = tokenizer.build_inputs_with_special_tokens([])  # [gMASK, sop]
     in_loss = [False] * len(ids)
     for message in messages:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,10 +23,9 @@ from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
 from .checkpoint import (
-    LORA_CONFIG_FILE,
-    SETTINGS_FILE,
     CheckpointError,
     PromptSettings,
+    has_method_settings,
     iter_weight_tensors,
     release_file_pages,
     read_checkpoint_settings,
@@ -220,53 +220,55 @@ def apply_folder_rope_rule(model: ChatGLMLMBase, folder: str | os.PathLike) -> N
     model.transformer.rotary_pos_emb.set_scaling(config.rope_ratio, config.rope_scaling_mode)
 
 
-def load_model(
-    model_name_or_path: str | os.PathLike,
-    ptuning_checkpoint: str | os.PathLike | None = None,
-    pre_seq_len: int | None = None,
-    prefix_projection: bool | None = None,
-    quantization_bit: int | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    chatglm_version: int | None = None,
-    method: str | None = None,
-    encoder_type: str | None = None,
-    encoder_hidden_size: int | None = None,
-    lora_options: LoraOptions | None = None,
-    rope_scaling_mode: str | None = None,
-):
-    """Load a ChatGLM model folder (and optionally a method checkpoint) for use or training.
+@dataclass(frozen=True)
+class LoadOptions:
+    """What `load_model` / `load_model_weights` load besides the base model folder.
 
-    Returns (model, tokenizer). `ptuning_checkpoint` is a checkpoint of any method (checkpoint.METHODS):
-    a soft prompt (this toolkit's or an official P-tuning v2 one), a LoRA adapter, or a fully
-    fine-tuned model (which then replaces the base weights). `method` None takes the checkpoint's
-    method, else ptuning_v2 when `pre_seq_len` is given, else the model as its folder describes it;
-    a method other than the checkpoint's is an error. The settings come from the checkpoint (flags
-    that contradict it are an error), else from the flags: `pre_seq_len` virtual tokens,
+    `ptuning_checkpoint` is a checkpoint of any method (prompt_learning.METHODS): a soft prompt
+    (this toolkit's or an official P-tuning v2 one), a LoRA adapter, or a fully fine-tuned model
+    (which then replaces the base weights). `method` None takes the checkpoint's method, else
+    ptuning_v2 when `pre_seq_len` is given, else the model as its folder describes it; a method
+    other than the checkpoint's is an error. The settings come from the checkpoint (flags that
+    contradict it are an error), else from these: `pre_seq_len` virtual tokens,
     `prefix_projection` (ptuning_v2), `encoder_type` "lstm"/"mlp" (ptuning), `encoder_hidden_size`
     (prefix_tuning, ptuning), `lora_options` (a new LoRA adapter).
     `quantization_bit` 4/8 quantizes a dense checkpoint while loading; a pre-quantized one
-    loads as it is. `chatglm_version` (2 or 3) picks the ChatGLM2 or ChatGLM3 tokenizer for
-    folders whose tokenizer_config.json does not say. `rope_scaling_mode` ("interpolate": chatglm2-6b-32k,
-    "base": chatglm3-6b-32k/-128k) overrides the RoPE rule a ChatGLM2/3 folder with `rope_ratio`
-    gets from its tokenizer family and name (logged). The model is returned in eval mode with
-    the backbone frozen for every method but full; with lora it is PEFT's PeftModel around the
-    ChatGLM model (which still has `chat()`, `generate()` and `config`).
+    loads as it is. `device`/`dtype` default to the GPU in bf16/fp16 when there is one, else the
+    CPU in fp32. `rope_scaling_mode` ("interpolate": chatglm2-6b-32k, "base": chatglm3-6b-32k/-128k)
+    overrides the RoPE rule a ChatGLM2/3 folder with `rope_ratio` gets from its tokenizer family
+    and name (logged).
     """
-    model = load_model_weights(
-        model_name_or_path,
-        ptuning_checkpoint,
-        pre_seq_len,
-        prefix_projection,
-        quantization_bit,
-        device,
-        dtype,
-        method=method,
-        encoder_type=encoder_type,
-        encoder_hidden_size=encoder_hidden_size,
-        lora_options=lora_options,
-        rope_scaling_mode=rope_scaling_mode,
-    )
+
+    ptuning_checkpoint: str | os.PathLike | None = None
+    pre_seq_len: int | None = None
+    prefix_projection: bool | None = None
+    quantization_bit: int | None = None
+    device: str | torch.device | None = None
+    dtype: torch.dtype | str | None = None
+    method: str | None = None
+    encoder_type: str | None = None
+    encoder_hidden_size: int | None = None
+    lora_options: LoraOptions | None = None
+    rope_scaling_mode: str | None = None
+
+
+def load_model(
+    model_name_or_path: str | os.PathLike,
+    ptuning_checkpoint: str | os.PathLike | None = None,
+    *,
+    chatglm_version: int | None = None,
+    **options,  # noqa: ANN003 - LoadOptions' fields
+):
+    """Load a ChatGLM model folder (and optionally a method checkpoint) for use or training.
+
+    Returns (model, tokenizer). The keyword arguments are `LoadOptions`' fields (pre_seq_len,
+    prefix_projection, quantization_bit, device, dtype, method, encoder_type, encoder_hidden_size,
+    lora_options, rope_scaling_mode); `chatglm_version` (2 or 3) picks the ChatGLM2 or ChatGLM3
+    tokenizer for folders whose tokenizer_config.json does not say. The model is returned in eval
+    mode with the backbone frozen for every method but full; with lora it is PEFT's PeftModel
+    around the ChatGLM model (which still has `chat()`, `generate()` and `config`).
+    """
+    model = load_model_weights(model_name_or_path, LoadOptions(ptuning_checkpoint, **options))
     tokenizer = load_tokenizer(model_name_or_path, chatglm_version)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -274,33 +276,27 @@ def load_model(
 
 def load_model_weights(
     model_name_or_path: str | os.PathLike,
-    ptuning_checkpoint: str | os.PathLike | None = None,
-    pre_seq_len: int | None = None,
-    prefix_projection: bool | None = None,
-    quantization_bit: int | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    method: str | None = None,
-    encoder_type: str | None = None,
-    encoder_hidden_size: int | None = None,
-    lora_options: LoraOptions | None = None,
-    rope_scaling_mode: str | None = None,
+    options: LoadOptions | None = None,
+    **fields,  # noqa: ANN003 - LoadOptions' fields
 ) -> ChatGLMLMBase:
-    """`load_model` without the tokenizer: the model alone, same arguments and checks."""
+    """`load_model` without the tokenizer: the model alone, same checks. Takes `options`, or
+    `LoadOptions`' fields as keywords."""
+    options = replace(options, **fields) if options is not None else LoadOptions(**fields)
+    ptuning_checkpoint, pre_seq_len = options.ptuning_checkpoint, options.pre_seq_len
     where = f"checkpoint {ptuning_checkpoint}"
     settings = None
     if ptuning_checkpoint is not None:
-        if method == "full" and not _has_method_settings(ptuning_checkpoint):
+        if options.method == "full" and not has_method_settings(ptuning_checkpoint):
             settings = PromptSettings(None, method="full")  # a whole model folder, as the Trainer saves it
         else:
             settings = read_checkpoint_settings(ptuning_checkpoint)
-    method = resolve_method(method, settings, pre_seq_len, where)
+    method = resolve_method(options.method, settings, pre_seq_len, where)
     # A full fine-tuning checkpoint is a whole model in the official layout: it replaces the base.
     folder = require_folder(ptuning_checkpoint if method == "full" and settings else model_name_or_path, "model")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json: not a model folder")
     config = ChatGLMConfig.from_pretrained(folder)
-    choose_rope_rule(config, folder, rope_scaling_mode)
+    choose_rope_rule(config, folder, options.rope_scaling_mode)
     prefix_state: dict[str, torch.Tensor] = {}
     if method in SOFT_PROMPT_METHODS:
         if settings is not None:
@@ -308,10 +304,17 @@ def load_model_weights(
         elif pre_seq_len is None and config.pre_seq_len:  # the folder holds its own prompt (old full-model P-tuning)
             pre_seq_len = config.pre_seq_len
         settings = soft_prompt_settings(
-            config.architecture, settings, method, pre_seq_len, prefix_projection, encoder_type, encoder_hidden_size, where
+            config.architecture,
+            settings,
+            method,
+            pre_seq_len,
+            options.prefix_projection,
+            options.encoder_type,
+            options.encoder_hidden_size,
+            where,
         )
         apply_soft_prompt(config, settings)
-    elif pre_seq_len is not None or prefix_projection or encoder_type is not None or encoder_hidden_size is not None:
+    elif pre_seq_len is not None or options.prefix_projection or (options.encoder_type, options.encoder_hidden_size) != (None, None):
         raise MethodError(
             f"pre_seq_len, prefix_projection, encoder_type and encoder_hidden_size apply to the soft-prompt methods "
             f"({', '.join(SOFT_PROMPT_METHODS)}), not to {method}"
@@ -322,14 +325,15 @@ def load_model_weights(
         )
 
     stored_bits = config.quantization_bit
+    quantization_bit = options.quantization_bit
     if quantization_bit is not None and (isinstance(quantization_bit, bool) or quantization_bit not in (4, 8)):
         raise ValueError(f"quantization_bit must be 4 or 8 (or None for none), found {quantization_bit!r}")
     bits = stored_bits if quantization_bit is None else quantization_bit
     if stored_bits and bits != stored_bits:
         raise CheckpointError(f"{folder} is already quantized to INT{stored_bits}; it cannot be loaded as INT{bits or 16}")
 
-    device = torch.device(device) if device is not None else default_device()
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype(device))
+    device = torch.device(options.device) if options.device is not None else default_device()
+    dtype = getattr(torch, options.dtype) if isinstance(options.dtype, str) else (options.dtype or default_dtype(device))
 
     # Build empty: no initialisation, so untouched memory is never committed; with
     # quantization_bit set the model builds its quantized layers as packed holders.
@@ -354,13 +358,9 @@ def load_model_weights(
             init_new_soft_prompt(model)  # a new prompt to train
     model.tie_weights()
     if method == "lora":
-        model = load_lora(model, ptuning_checkpoint) if ptuning_checkpoint is not None else add_lora(model, lora_options)
+        model = load_lora(model, ptuning_checkpoint) if ptuning_checkpoint is not None else add_lora(model, options.lora_options)
     model.eval()
     return model
-
-
-def _has_method_settings(folder: str | os.PathLike) -> bool:
-    return any((Path(folder) / name).is_file() for name in (SETTINGS_FILE, LORA_CONFIG_FILE))
 
 
 def _tied_keys(model: ChatGLMLMBase) -> set[str]:

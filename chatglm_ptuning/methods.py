@@ -19,9 +19,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import METHODS, CheckpointError, PromptSettings, read_prefix_checkpoint
+from .checkpoint import CheckpointError, PromptSettings, read_prefix_checkpoint
 from .configuration import ChatGLMConfig
-from .prompt_learning import INPUT_PROMPT_METHODS, SOFT_PROMPT_METHODS, PromptEmbedding
+from .prompt_learning import INPUT_PROMPT_METHODS, METHODS, SOFT_PROMPT_METHODS, PromptEmbedding
 
 
 class MethodError(ValueError):

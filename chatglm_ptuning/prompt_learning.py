@@ -18,6 +18,8 @@ whatever the backbone's dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -28,8 +30,35 @@ PREFIX_KEY_PREFIX = "transformer.prefix_encoder."  # official state-dict prefix 
 PROMPT_KEY_PREFIX = "transformer.prompt_encoder."  # state-dict prefix of the input-level prompt encoders
 SOFT_PROMPT_KEY_PREFIXES = (PREFIX_KEY_PREFIX, PROMPT_KEY_PREFIX)
 
-KV_PREFIX_METHODS = ("ptuning_v2", "prefix_tuning")  # virtual keys/values at every layer
-INPUT_PROMPT_METHODS = ("prompt_tuning", "ptuning")  # virtual tokens at the input
+
+
+@dataclass(frozen=True)
+class Method:
+    """One tuning method: its `--method` name, the name people know it by, where it acts, and what
+    its checkpoint folder holds."""
+
+    name: str
+    display_name: str
+    kind: str  # "kv_prefix" (keys/values at every layer), "input_prompt", "lora" or "full"
+    checkpoint: str
+
+
+# The method registry: every reader (flags, checkpoint settings, loading, serving) takes its names here.
+_SOFT_PROMPT_CHECKPOINT = "model.safetensors (the soft prompt) + ptuning_config.json"
+METHOD_REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ptuning_v2", "P-tuning v2", "kv_prefix", _SOFT_PROMPT_CHECKPOINT + ", or the official pytorch_model.bin"),
+        Method("prefix_tuning", "Prefix-Tuning", "kv_prefix", _SOFT_PROMPT_CHECKPOINT),
+        Method("prompt_tuning", "Prompt Tuning", "input_prompt", _SOFT_PROMPT_CHECKPOINT),
+        Method("ptuning", "P-tuning", "input_prompt", _SOFT_PROMPT_CHECKPOINT),
+        Method("lora", "LoRA", "lora", "PEFT's adapter files (+ ptuning_config.json)"),
+        Method("full", "full fine-tuning", "full", "a whole model folder (official key names)"),
+    )
+}
+METHODS = tuple(METHOD_REGISTRY)
+KV_PREFIX_METHODS = tuple(n for n, m in METHOD_REGISTRY.items() if m.kind == "kv_prefix")  # virtual keys/values at every layer
+INPUT_PROMPT_METHODS = tuple(n for n, m in METHOD_REGISTRY.items() if m.kind == "input_prompt")  # virtual tokens at the input
 SOFT_PROMPT_METHODS = KV_PREFIX_METHODS + INPUT_PROMPT_METHODS
 ENCODER_TYPES = ("lstm", "mlp")  # P-tuning (v1) prompt encoders
 PREFIX_TUNING_HIDDEN_SIZE = 512  # Li & Liang's MLP width (their `mid_dim`), the prefix_tuning default

@@ -19,21 +19,11 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .checkpoint import SETTINGS_FILE, CheckpointError, PromptSettings
+from .checkpoint import CheckpointError, has_method_settings, read_checkpoint_settings
 from .configuration import ARCH_GLM2
 from .families import FAMILIES, Family, History, Response, family_of
+from .prompt_learning import METHOD_REGISTRY
 from .tools import TOOL_SYSTEM_PROMPT
-
-# Display names of PromptSettings.method values (others are shown as they are).
-_METHOD_NAMES = {
-    "ptuning_v2": "P-tuning v2",
-    "prefix_tuning": "Prefix-Tuning",
-    "prompt_tuning": "Prompt Tuning",
-    "ptuning": "P-tuning",
-    "lora": "LoRA",
-    "full": "full fine-tuning",
-}
-
 
 # ---- command line -----------------------------------------------------------------------------
 
@@ -327,8 +317,9 @@ def describe(
     """What is being served, for the page and the API's model card."""
     config = model.config
     settings = None
-    if ptuning_checkpoint and (Path(ptuning_checkpoint) / SETTINGS_FILE).is_file():
-        settings = PromptSettings.load(Path(ptuning_checkpoint) / SETTINGS_FILE)
+    if ptuning_checkpoint and has_method_settings(ptuning_checkpoint):
+        settings = read_checkpoint_settings(ptuning_checkpoint)  # any method's, a bare PEFT folder included
+    # Without settings the checkpoint is an official P-tuning v2 one, whose settings the config now holds.
     method = settings.method if settings else ("ptuning_v2" if config.pre_seq_len else None)
     if method is None:
         method_text = "none (base model)"
@@ -339,7 +330,7 @@ def describe(
             details.append(f"pre_seq_len {pre_seq_len}")
         if method == "ptuning_v2":
             details.append(f"{'with' if config.prefix_projection else 'without'} prefix projection")
-        method_text = _METHOD_NAMES.get(method, method) + (f" ({', '.join(details)})" if details else "")
+        method_text = METHOD_REGISTRY[method].display_name + (f" ({', '.join(details)})" if details else "")
     bits = quantization_bit or getattr(config, "quantization_bit", 0)
     return {
         "Base model": str(model_name_or_path),

@@ -12,15 +12,18 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
 
 from .arguments import DataTrainingArguments, ModelArguments, TrainingArguments
-from .checkpoint import CheckpointError, read_checkpoint_settings
+from .checkpoint import CheckpointError, PromptSettings, read_checkpoint_settings
 from .collator import PromptBatchCollator, TrainBatchCollator
+from .constants import IGNORE_INDEX
 from .data import DataError, build_preprocess_function, load_rows, tokenizer_family, train_label_pad_id
 from .loading import load_model
 from .lora import LoraOptions
@@ -210,17 +213,13 @@ def _checkpoint_bytes(trainable: int, total: int, method: str) -> int:
 
 
 def run(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments, argv: list[str]) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
+    """Train, evaluate and/or predict as the command line says: choose the method, then (training)
+    claim the output folder and check a resume, then `_run` the steps."""
+    _setup_logging()
     _guard_data_parallel(training_args)
     set_seed(training_args.seed)
-
     method = _method(model_args)
-    if method == "full" and model_args.quantization_bit and training_args.do_train:
-        raise MethodError(
-            "full fine-tuning trains every weight, so it needs a dense backbone: drop --quantization_bit "
-            "(or pick a parameter-efficient --method)"
-        )
+    _check_method_fits(method, model_args, training_args)
     if not training_args.do_train:
         return _run(model_args, data_args, training_args, argv, method, None, None)
     if not data_args.train_file:
@@ -249,7 +248,59 @@ def _run(
 ) -> None:
     """Load, (clear the folder of an earlier run,) train, evaluate and predict; `settings` and
     `resume` are those of a training run (None without --do_train)."""
-    model, tokenizer = load_model(
+    model, tokenizer = _load(model_args, training_args, method)
+    prompt_settings = _prompt_settings(model, tokenizer, model_args, method)
+    _set_activation_checkpointing(model.config, training_args, argv)
+    trainable, total = count_parameters(model)
+    logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
+    if training_args.do_train:
+        _start_run_folder(training_args, settings, resume, _checkpoint_bytes(trainable, total, method))
+    datasets = _datasets(tokenizer, data_args, training_args)
+    train_collator, eval_collator = _collators(tokenizer, data_args, training_args, datasets.train is not None)
+    gen_kwargs = _generation_settings(data_args, training_args)
+    trainer = PromptTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets.train,
+        eval_dataset=datasets.eval,
+        processing_class=tokenizer,
+        data_collator=train_collator,
+        eval_collator=eval_collator if training_args.predict_with_generate else None,
+        generation_kwargs=gen_kwargs,
+        compute_metrics=build_trainer_metrics(tokenizer, data_args.ignore_pad_token_for_loss)
+        if training_args.predict_with_generate
+        else None,
+        prompt_settings=prompt_settings,
+        run_settings=settings,
+        callbacks=[FinalCheckpointCallback(), LossPlotCallback(), StepKeyedDropoutCallback()],
+    )
+    if training_args.do_train:
+        model.train()
+        _train(trainer, datasets.train, resume, trainable, total)
+    model.eval()
+    if datasets.eval is not None and training_args.do_eval:
+        _evaluate(trainer, datasets.eval)
+    if datasets.predict is not None:
+        _predict(trainer, datasets.predict, tokenizer, training_args, gen_kwargs)
+
+
+# --- the steps of `run`, in order ------------------------------------------------------------------
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def _check_method_fits(method: str, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    if method == "full" and model_args.quantization_bit and training_args.do_train:
+        raise MethodError(
+            "full fine-tuning trains every weight, so it needs a dense backbone: drop --quantization_bit "
+            "(or pick a parameter-efficient --method)"
+        )
+
+
+def _load(model_args: ModelArguments, training_args: TrainingArguments, method: str):  # noqa: ANN202
+    """The model (with its method's weights) and tokenizer, as the flags describe them."""
+    return load_model(
         model_args.model_name_or_path,
         ptuning_checkpoint=model_args.ptuning_checkpoint,
         pre_seq_len=model_args.pre_seq_len,
@@ -264,41 +315,59 @@ def _run(
         encoder_hidden_size=model_args.encoder_hidden_size,
         lora_options=_lora_options(model_args) if method == "lora" else None,
     )
-    config = model.config
-    prompt_settings = None  # full fine-tuning: the Trainer saves the whole model (official key names)
-    if method != "full":
-        prompt_settings = settings_from_config(config, method)
-        prompt_settings.base_model = str(Path(model_args.model_name_or_path).resolve())
-        prompt_settings.family = tokenizer_family(tokenizer)
-    if config.pre_seq_len:
-        if not _gradient_checkpointing_given(argv):
-            # The reference trains P-tuning with it on. Set the new name: after __post_init__ the
-            # deprecated `gradient_checkpointing` alias is only a mirror the Trainer never reads.
-            training_args.activation_checkpointing = True
+
+
+def _prompt_settings(model, tokenizer, model_args: ModelArguments, method: str) -> PromptSettings | None:  # noqa: ANN001
+    """The settings every checkpoint of this run carries; None for full fine-tuning (the Trainer
+    saves the whole model, official key names)."""
+    if method == "full":
+        return None
+    prompt_settings = settings_from_config(model.config, method)
+    prompt_settings.base_model = str(Path(model_args.model_name_or_path).resolve())
+    prompt_settings.family = tokenizer_family(tokenizer)
+    return prompt_settings
+
+
+def _set_activation_checkpointing(config, training_args: TrainingArguments, argv: list[str]) -> None:  # noqa: ANN001
+    if config.pre_seq_len and not _gradient_checkpointing_given(argv):
+        # The reference trains P-tuning with it on. Set the new name: after __post_init__ the
+        # deprecated `gradient_checkpointing` alias is only a mirror the Trainer never reads.
+        training_args.activation_checkpointing = True
     if training_args.activation_checkpointing:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
-    trainable, total = count_parameters(model)
-    logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
 
-    if training_args.do_train:
-        with training_args.main_process_first(desc="clearing the output folder"):
-            if training_args.process_index == 0:
-                output_dir = Path(training_args.output_dir).resolve()
-                resumes_here = resume is not None and output_dir in Path(resume).resolve().parents
-                if training_args.overwrite_output_dir and not resumes_here:
-                    clear_earlier_run(output_dir)
-                write_run_settings(training_args.output_dir, settings)  # the run record
-                warn_if_low_space(training_args.output_dir, _checkpoint_bytes(trainable, total, method))
 
-    train_dataset = eval_dataset = predict_dataset = None
+def _start_run_folder(training_args: TrainingArguments, settings: dict, resume: str | None, checkpoint_bytes: int) -> None:
+    """Clear an earlier run's checkpoints (--overwrite_output_dir, unless resuming from this folder),
+    write the run record and warn when a checkpoint may not fit."""
+    with training_args.main_process_first(desc="clearing the output folder"):
+        if training_args.process_index == 0:
+            output_dir = Path(training_args.output_dir).resolve()
+            resumes_here = resume is not None and output_dir in Path(resume).resolve().parents
+            if training_args.overwrite_output_dir and not resumes_here:
+                clear_earlier_run(output_dir)
+            write_run_settings(training_args.output_dir, settings)  # the run record
+            warn_if_low_space(training_args.output_dir, checkpoint_bytes)
+
+
+@dataclass
+class _Datasets:
+    train: Any = None
+    eval: Any = None
+    predict: Any = None
+
+
+def _datasets(tokenizer, data_args: DataTrainingArguments, training_args: TrainingArguments) -> _Datasets:  # noqa: ANN001
+    """The preprocessed training, evaluation and prediction sets the flags ask for."""
+    datasets = _Datasets()
     if training_args.do_train:
-        train_dataset = _prepare(data_args.train_file, tokenizer, data_args, training_args, True, data_args.max_train_samples)
+        datasets.train = _prepare(data_args.train_file, tokenizer, data_args, training_args, True, data_args.max_train_samples)
     if training_args.do_eval or training_args.eval_strategy != "no":
         if not data_args.validation_file:
             raise ValueError("--do_eval / --eval_strategy needs --validation_file")
         # Generation scores need prompt-only rows; the evaluation loss needs prompt + answer rows, as in training.
         as_training_rows = not training_args.predict_with_generate
-        eval_dataset = _prepare(
+        datasets.eval = _prepare(
             data_args.validation_file, tokenizer, data_args, training_args, as_training_rows, data_args.max_eval_samples
         )
     if training_args.do_predict:
@@ -306,10 +375,16 @@ def _run(
             raise ValueError("--do_predict needs --test_file")
         if not training_args.predict_with_generate:
             raise ValueError("--do_predict generates answers: add --predict_with_generate")
-        predict_dataset = _prepare(data_args.test_file, tokenizer, data_args, training_args, False, data_args.max_predict_samples)
+        datasets.predict = _prepare(data_args.test_file, tokenizer, data_args, training_args, False, data_args.max_predict_samples)
+    return datasets
 
-    label_pad = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
-    if train_dataset is not None and not data_args.ignore_pad_token_for_loss and not data_args.pad_to_max_length:
+
+def _collators(
+    tokenizer, data_args: DataTrainingArguments, training_args: TrainingArguments, training: bool  # noqa: ANN001
+) -> tuple[TrainBatchCollator, PromptBatchCollator]:
+    """The training batches' collator and the eval/predict prompts' one (warning about padding
+    settings that do not do what they seem to)."""
+    if training and not data_args.ignore_pad_token_for_loss and not data_args.pad_to_max_length:
         logger.warning(
             "--ignore_pad_token_for_loss False trains on the padding, so per-batch padding changes the loss; "
             "add --pad_to_max_length for the reference's fixed layout"
@@ -322,7 +397,14 @@ def _run(
         pad_to_multiple_of=data_args.pad_to_multiple_of,
         fixed_layout=data_args.pad_to_max_length,
     )
-    eval_collator = PromptBatchCollator(tokenizer, label_pad_id=label_pad)
+    label_pad = IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
+    return train_collator, PromptBatchCollator(tokenizer, label_pad_id=label_pad)
+
+
+def _generation_settings(data_args: DataTrainingArguments, training_args: TrainingArguments) -> dict:
+    """generate() settings of evaluation and prediction: the reference's total length (prompt +
+    answer) unless --generation_max_length, sampling and beams as the flags say. Also sets the
+    Trainer's generation_max_length/generation_num_beams."""
     max_length = data_args.max_source_length + data_args.max_target_length + 1
     training_args.generation_max_length = training_args.generation_max_length or max_length
     if data_args.num_beams is not None:
@@ -332,46 +414,28 @@ def _run(
         gen_kwargs.update(top_p=data_args.top_p, temperature=data_args.temperature)
     if training_args.generation_num_beams:
         gen_kwargs["num_beams"] = training_args.generation_num_beams
-    trainer = PromptTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        data_collator=train_collator,
-        eval_collator=eval_collator if training_args.predict_with_generate else None,
-        generation_kwargs=gen_kwargs,
-        compute_metrics=build_trainer_metrics(tokenizer, data_args.ignore_pad_token_for_loss)
-        if training_args.predict_with_generate
-        else None,
-        prompt_settings=prompt_settings,
-        run_settings=settings,
-        callbacks=[FinalCheckpointCallback(), LossPlotCallback(), StepKeyedDropoutCallback()],
-    )
+    return gen_kwargs
 
-    if training_args.do_train:
-        model.train()
-        result = trainer.train(resume_from_checkpoint=resume)
-        metrics = dict(
-            result.metrics, train_samples=len(train_dataset), trainable_parameters=trainable, total_parameters=total
-        )
-        metrics.update(_token_metrics(trainer.train_token_counts(), result.metrics["train_runtime"]))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        if trainer.is_world_process_zero():  # once, not once per rank
-            if trainer.last_checkpoint is not None:
-                print(f"checkpoint written to {trainer.last_checkpoint}")
-            else:
-                print(f"nothing to train: {resume} already reached step {trainer.state.global_step}; no checkpoint written")
-    model.eval()
-    if eval_dataset is not None and training_args.do_eval:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    if predict_dataset is not None:
-        _predict(trainer, predict_dataset, tokenizer, training_args, gen_kwargs)
+
+def _train(trainer: PromptTrainer, dataset, resume: str | None, trainable: int, total: int) -> None:  # noqa: ANN001
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics, train_samples=len(dataset), trainable_parameters=trainable, total_parameters=total)
+    metrics.update(_token_metrics(trainer.train_token_counts(), result.metrics["train_runtime"]))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():  # once, not once per rank
+        if trainer.last_checkpoint is not None:
+            print(f"checkpoint written to {trainer.last_checkpoint}")
+        else:
+            print(f"nothing to train: {resume} already reached step {trainer.state.global_step}; no checkpoint written")
+
+
+def _evaluate(trainer: PromptTrainer, dataset) -> None:  # noqa: ANN001
+    metrics = trainer.evaluate(metric_key_prefix="eval")
+    metrics["eval_samples"] = len(dataset)
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
 
 
 def _token_metrics(counts: dict[str, int], runtime: float) -> dict[str, float]:
@@ -393,10 +457,10 @@ def _predict(trainer: PromptTrainer, dataset, tokenizer, training_args: Training
         return
     pad = tokenizer.pad_token_id
     predictions = tokenizer.batch_decode(
-        [[t for t in row if t != -100] for row in output.predictions.tolist()], skip_special_tokens=True
+        [[t for t in row if t != IGNORE_INDEX] for row in output.predictions.tolist()], skip_special_tokens=True
     )
     labels = tokenizer.batch_decode(
-        [[t if t != -100 else pad for t in row] for row in output.label_ids.tolist()], skip_special_tokens=True
+        [[t if t != IGNORE_INDEX else pad for t in row] for row in output.label_ids.tolist()], skip_special_tokens=True
     )
     path = Path(training_args.output_dir) / "generated_predictions.txt"
     with open(path, "w", encoding="utf-8") as handle:

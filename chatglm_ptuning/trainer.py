@@ -37,6 +37,31 @@ from .run_folder import (
 
 logger = logging.getLogger(__name__)
 
+# The private Trainer methods PromptTrainer overrides, each because transformers offers no public
+# hook for it (tests/test_trainer_hooks.py fails when one is renamed or its parameters change).
+# Everything else goes through public hooks: get_eval_dataloader/get_test_dataloader, save_model,
+# evaluate/predict/prediction_step/evaluation_loop, get_batch_samples and callbacks.
+PRIVATE_TRAINER_OVERRIDES: tuple[tuple[str, str], ...] = (
+    ("_get_eval_sampler", "length-sorted evaluation: the eval/test sampler is chosen only here"),
+    ("_get_grad_norm", "the divergence guard needs the step's pre-clip gradient norm, which no callback receives"),
+    ("_get_output_dir", "atomic checkpoints: _save_checkpoint writes into <output_dir>/.staging through it"),
+    ("_save_checkpoint", "atomic, finite checkpoints (staged, then renamed) carrying run_settings.json"),
+    ("_save_optimizer_and_scheduler", "DeepSpeed prompt runs save their engine state without the frozen backbone"),
+    ("_prepare_for_training", "DeepSpeed prompt runs resume non-strict (their checkpoints hold no frozen weights)"),
+    ("_load_best_model", "DeepSpeed prompt runs load the best checkpoint non-strict"),
+    ("_load_from_checkpoint", "resuming loads the method's own checkpoint files and refuses non-finite weights"),
+    ("_load_optimizer_and_scheduler", "a damaged optimizer/scheduler file is named; the command line's learning rate applies"),
+    ("_load_rng_state", "a damaged rng_state.pth is named"),
+)
+
+# Private Trainer members PromptTrainer calls or reads without overriding them.
+PRIVATE_TRAINER_USES: tuple[tuple[str, str], ...] = (
+    ("_tr_loss", "the divergence guard reads the loss summed since the last log"),
+    ("_prepare_inputs", "prediction steps move their batch to the device as the Trainer does"),
+    ("_pad_tensors_to_max_len", "generated ids and labels are padded to max_length as Seq2SeqTrainer does"),
+    ("_load_scaler", "DeepSpeed prompt runs restore the loss scaler on resume"),
+)
+
 
 class TrainingDiverged(RuntimeError):
     """The loss, the gradient norm or a trainable weight became NaN or infinite."""
@@ -73,6 +98,7 @@ class PromptTrainer(Seq2SeqTrainer):
         self.prompt_settings = prompt_settings
         self.eval_collator = eval_collator
         self.generation_kwargs = generation_kwargs or {}  # also used by evaluations during training
+        self.active_generation_kwargs: dict = {}  # those of the evaluate/predict call under way
         self.run_settings = run_settings
         self.last_checkpoint: str | None = None  # the checkpoint this run wrote last
         self._staging_run_dir: str | None = None
@@ -82,11 +108,12 @@ class PromptTrainer(Seq2SeqTrainer):
         # replace a non-finite loss by the running mean first (the run stops at the first one anyway).
         self.args.logging_nan_inf_filter = False
         self.add_callback(DivergenceGuard(self))
+        self.add_callback(CommandLineStepsCallback())
         self.sort_eval_by_length = sort_eval_by_length
         self._token_counts = [0, 0]  # real, computed: this process's training batches
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):  # noqa: ANN001
-        gen_kwargs = {**self.generation_kwargs, **gen_kwargs}
+        gen_kwargs = self._use_generation_kwargs(gen_kwargs)
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, str):
             dataset = self.eval_dataset[dataset]
@@ -94,9 +121,22 @@ class PromptTrainer(Seq2SeqTrainer):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test", **gen_kwargs):  # noqa: ANN001
+        gen_kwargs = self._use_generation_kwargs(gen_kwargs)
         with self._in_file_order(test_dataset) as file_order:
-            output = super().predict(test_dataset, ignore_keys, metric_key_prefix, **{**self.generation_kwargs, **gen_kwargs})
+            output = super().predict(test_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
         return output._replace(predictions=file_order(output.predictions), label_ids=file_order(output.label_ids))
+
+    def _use_generation_kwargs(self, gen_kwargs: dict) -> dict:
+        """The generate() settings of this evaluate/predict call: `generation_kwargs`, then the call's,
+        then (as Seq2SeqTrainer does) `generation_max_length`/`generation_num_beams` where unset.
+        `prediction_step` reads them from `active_generation_kwargs`."""
+        gen_kwargs = {**self.generation_kwargs, **gen_kwargs}
+        if gen_kwargs.get("max_length") is None and gen_kwargs.get("max_new_tokens") is None and self.args.generation_max_length is not None:
+            gen_kwargs["max_length"] = self.args.generation_max_length
+        if gen_kwargs.get("num_beams") is None and self.args.generation_num_beams is not None:
+            gen_kwargs["num_beams"] = self.args.generation_num_beams
+        self.active_generation_kwargs = gen_kwargs
+        return gen_kwargs
 
     # --- batching ------------------------------------------------------------------------------
     def eval_order(self, dataset) -> np.ndarray | None:  # noqa: ANN001
@@ -158,12 +198,23 @@ class PromptTrainer(Seq2SeqTrainer):
         real, computed = self.accelerator.reduce(counts, reduction="sum").tolist()
         return {"train_real_tokens": real, "train_computed_tokens": computed}
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):  # noqa: ANN001
-        if is_training or self.eval_collator is None:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+    def get_eval_dataloader(self, eval_dataset=None):  # noqa: ANN001, ANN201
+        with self._eval_collator_in_use():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):  # noqa: ANN001, ANN201
+        with self._eval_collator_in_use():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextmanager
+    def _eval_collator_in_use(self):  # noqa: ANN202
+        """While an eval/test dataloader is built: `eval_collator` (when given) batches its rows."""
+        if self.eval_collator is None:
+            yield
+            return
         train_collator, self.data_collator = self.data_collator, self.eval_collator
         try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+            yield
         finally:
             self.data_collator = train_collator
 
@@ -183,15 +234,10 @@ class PromptTrainer(Seq2SeqTrainer):
         output_dir = output_dir or self.args.output_dir
         state = self._trainable_state()  # every rank takes part in a ZeRO-3 gather
         if self.args.should_save:
-            self._save(output_dir, state_dict=state)
+            self._write_trainable(output_dir, state)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.prompt_settings is None:
-            return super()._save(output_dir, state_dict)
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        state = state_dict if state_dict is not None else self._trainable_state()
+    def _write_trainable(self, output_dir: str, state: dict[str, torch.Tensor]) -> None:
+        """Write the trainable weights with `prompt_settings`, the config, tokenizer and training args."""
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}
         if self.prompt_settings.method == "lora":
@@ -262,12 +308,6 @@ class PromptTrainer(Seq2SeqTrainer):
         except Exception as err:  # noqa: BLE001
             raise damaged_checkpoint_error(checkpoint, "rng_state.pth", f"{type(err).__name__}: {err}") from None
 
-    def _init_training_state(self, max_steps, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        started = super()._init_training_state(max_steps, *args, **kwargs)
-        # A resumed state carries its run's logging/eval/save steps; the command line's apply.
-        self.state.compute_steps(self.args, max_steps)
-        return started
-
     def _apply_learning_rate(self) -> None:
         """The optimizer and scheduler states of a checkpoint carry the learning rate its run used;
         rescale them to --learning_rate (resuming after a divergence at a lower rate)."""
@@ -295,7 +335,7 @@ class PromptTrainer(Seq2SeqTrainer):
         if not self.args.predict_with_generate or prediction_loss_only:
             return self._loss_prediction_step(model, inputs)
         inputs = self._prepare_inputs(inputs)
-        gen_kwargs = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
+        gen_kwargs = {**self.active_generation_kwargs, **gen_kwargs}
         gen_kwargs = {k: v for k, v in gen_kwargs.items() if v is not None}
         gen_kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled())
         max_length = gen_kwargs.pop("max_length", None) or self.model.generation_config.max_length
@@ -473,6 +513,13 @@ class DivergenceGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
         self.trainer.check_step_is_finite()
+
+
+class CommandLineStepsCallback(TrainerCallback):
+    """A resumed state carries its run's logging/eval/save steps; the command line's apply."""
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        state.compute_steps(args, state.max_steps)
 
 
 class _FixedOrderSampler(Sampler):

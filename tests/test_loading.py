@@ -357,3 +357,15 @@ def test_legacy_non_zip_bin_loads_whole_and_says_so(tmp_path, monkeypatch):
     assert len(said) == 1
     for key, tensor in new.state_dict().items():
         assert torch.equal(old.state_dict()[key], tensor), key
+
+
+def test_load_options_are_the_one_list_of_loading_settings(tiny_glm2_dir):
+    from chatglm_ptuning.loading import LoadOptions
+
+    options = LoadOptions(pre_seq_len=4, device="cpu", dtype="float32")
+    by_options = loading.load_model_weights(tiny_glm2_dir, options)
+    by_keywords = loading.load_model_weights(tiny_glm2_dir, pre_seq_len=4, device="cpu", dtype="float32")
+    assert by_options.config.pre_seq_len == by_keywords.config.pre_seq_len == 4
+    assert loading.load_model_weights(tiny_glm2_dir, options, pre_seq_len=2).config.pre_seq_len == 2  # keywords win
+    with pytest.raises(TypeError, match="pre_seq_length"):
+        loading.load_model(tiny_glm2_dir, pre_seq_length=4)

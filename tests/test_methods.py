@@ -440,3 +440,15 @@ def test_compare_methods_writes_the_table_the_json_and_the_curves(tmp_path, tiny
     table = (out / "methods.md").read_text()
     assert "| prompt_tuning | 128 |" in table and "| lora |" in table
     assert (out / "loss_curves.png").stat().st_size > 1000
+
+
+def test_the_method_registry_is_what_flags_settings_and_encoders_read():
+    from chatglm_ptuning import checkpoint, prompt_learning
+    from chatglm_ptuning.arguments import ModelArguments
+
+    registry = prompt_learning.METHOD_REGISTRY
+    assert checkpoint.METHODS == prompt_learning.METHODS == tuple(registry)
+    assert {m.kind for m in registry.values()} == {"kv_prefix", "input_prompt", "lora", "full"}
+    assert prompt_learning.SOFT_PROMPT_METHODS == tuple(n for n, m in registry.items() if m.kind in ("kv_prefix", "input_prompt"))
+    choices = ModelArguments.__dataclass_fields__["method"].metadata["choices"]
+    assert tuple(choices) == tuple(registry)

@@ -93,3 +93,25 @@ def test_deltas_add_up_when_post_processing_rewrites_the_tail():
     pieces.append(deltas.finish(postprocess_chatglm6b(raw)))
     assert "".join(pieces) == postprocess_chatglm6b(raw) == "我是模型，训练于2023年。Hello, world！你好？好的"
     assert sum(1 for piece in pieces if piece) > 10, "pieces should still flow while the tail is held back"
+
+
+def _describe_method(model_dir, checkpoint) -> str:  # noqa: ANN001
+    from chatglm_ptuning.families import family_of
+    from chatglm_ptuning.serving import describe
+
+    model, tokenizer = load_model(model_dir, ptuning_checkpoint=checkpoint, device="cpu")
+    return describe(model, family_of(tokenizer), str(model_dir), str(checkpoint) if checkpoint else None, None)["Method"]
+
+
+def test_describe_names_the_method_of_a_bare_peft_folder_and_of_a_toolkit_checkpoint(tmp_path, tiny_glm2_dir):
+    from chatglm_ptuning.checkpoint import PromptSettings
+    from chatglm_ptuning.lora import LoraOptions
+
+    model, _ = load_model(tiny_glm2_dir, method="lora", lora_options=LoraOptions(rank=4), device="cpu")
+    bare = tmp_path / "peft"
+    model.save_pretrained(str(bare))  # PEFT's own files only: adapter_config.json + weights
+    assert not (bare / "ptuning_config.json").exists()
+    assert _describe_method(tiny_glm2_dir, bare) == "LoRA"
+    PromptSettings(model.config.architecture, method="lora").save(bare)
+    assert _describe_method(tiny_glm2_dir, bare) == "LoRA"
+    assert _describe_method(tiny_glm2_dir, None) == "none (base model)"
