@@ -32,7 +32,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from chatglm_ptuning.prompt_learning import METHODS  # noqa: E402 - after the path insert; light (torch only)
+from chatglm_ptuning.prompt_learning import METHODS  # noqa: E402 - after the path insert
 # Per-method learning rates for a short run: each method's usual scale (the reference's 2e-2 for
 # P-tuning v2, Lester et al.'s 0.3 for Prompt Tuning, 5e-4..1e-3 for LoRA/P-tuning encoders, 1e-4
 # for full fine-tuning of large models, raised where a tiny model and few steps need it).
