@@ -31,7 +31,6 @@ PROMPT_KEY_PREFIX = "transformer.prompt_encoder."  # state-dict prefix of the in
 SOFT_PROMPT_KEY_PREFIXES = (PREFIX_KEY_PREFIX, PROMPT_KEY_PREFIX)
 
 
-
 @dataclass(frozen=True)
 class Method:
     """One tuning method: its `--method` name, the name people know it by, where it acts, and what
