@@ -19,7 +19,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .chat import ChatMixin
 from .configuration import ChatGLMConfig
-from .head_loss import IGNORE_INDEX, can_fuse, fused_head_loss, loss_divisor, shifted_labels
+from .constants import IGNORE_INDEX
+from .head_loss import can_fuse, fused_head_loss, loss_divisor, shifted_labels
 from .prompt_learning import (
     INPUT_PROMPT_METHODS,
     KV_PREFIX_METHODS,

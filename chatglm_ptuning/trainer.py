@@ -22,7 +22,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import PromptSettings, save_prefix_checkpoint
 from .collator import PROMPT_LENGTH_KEY, REAL_TOKENS_KEY
-from .head_loss import IGNORE_INDEX, shifted_labels
+from .constants import IGNORE_INDEX
+from .head_loss import shifted_labels
 from .methods import load_method_state
 from .prompt_learning import PrefixDropout
 from .run_folder import (
