@@ -240,3 +240,35 @@ def test_deepspeed_two_ranks_change_nothing(model_dirs, tmp_path, config):
     deepspeed = str(REPO_ROOT / "scripts" / config)
     ranks = _torchrun(model_dirs["chatglm2"], tmp_path / "zero", "--per_device_train_batch_size", "2", "--deepspeed", deepspeed, *extra)
     assert_same_training(ranks, reference)
+
+
+@pytest.mark.parametrize("arch", ["chatglm2", "chatglm"])
+def test_one_forward_skeleton_for_both_families(model_dirs, arch):
+    """Both LM classes take the same causal-LM arguments: hidden states (every layer's input plus the
+    final one), tuple output, the old `past_key_values` name, and `num_items_in_batch` dividing the
+    summed loss."""
+    from transformers.cache_utils import DynamicCache
+
+    from chatglm_ptuning.loading import load_model
+
+    model, _ = load_model(model_dirs[arch], device="cpu")
+    assert type(model).accepts_loss_kwargs is True
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]]) if arch == "chatglm2" else None
+    if ids is None:  # ChatGLM-6B needs its [gMASK] <sop> layout
+        config = model.config
+        ids = torch.tensor([[5, 6, 7, config.gmask_token_id, config.bos_token_id, 9]])
+    labels = ids.clone()
+    with torch.no_grad():
+        out = model(ids, labels=labels, output_hidden_states=True)
+        assert len(out.hidden_states) == model.config.num_layers + 1
+        assert all(h.shape == (1, ids.shape[1], model.config.hidden_size) for h in out.hidden_states)
+        summed = model(ids, labels=labels, num_items_in_batch=1).loss
+        torch.testing.assert_close(summed, out.loss * (ids.shape[1] - 1))
+        halved = model(ids, labels=labels, num_items_in_batch=2 * (ids.shape[1] - 1)).loss
+        torch.testing.assert_close(halved, out.loss / 2)
+        as_tuple = model(ids, labels=labels, return_dict=False, use_cache=False)
+        assert torch.equal(as_tuple[0], out.loss)
+        cache = DynamicCache(config=model.config)
+        assert model(ids, past_key_values=cache, use_cache=True).cache is cache
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, output_attentions=True)
