@@ -100,10 +100,13 @@ def assert_same_training(run: Path, reference: Path) -> None:
     assert trained, "no weight changed"
     for name in expected_updates:
         scale = expected_updates[name].norm().item() if name in trained else 1.0
+        # fp32 rounding of the weights themselves: batches of other widths round their matmuls differently,
+        # which shows where an update is near the weights' own resolution (a few ulps of |w|)
+        rounding = 1e-6 * first_expected[name].norm().item()
         difference = (got_updates[name] - expected_updates[name]).norm().item()
-        assert difference <= 1e-4 * scale, f"{name}: updates differ by {difference / scale:.2e} relative"
+        assert difference <= 1e-4 * scale + rounding, f"{name}: updates differ by {difference / scale:.2e} relative"
         step_one = (first_got[name] - first_expected[name]).norm().item()
-        assert step_one <= 1e-4 * scale, f"{name}: weights after step 1 differ by {step_one / scale:.2e} of an update"
+        assert step_one <= 1e-4 * scale + rounding, f"{name}: weights after step 1 differ by {step_one / scale:.2e} of an update"
 
 
 @pytest.fixture(scope="module")
