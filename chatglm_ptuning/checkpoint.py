@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
-from .configuration import ARCH_GLM1, ARCH_GLM2, detect_architecture
+from .configuration import ARCH_GLM1, ARCH_GLM2, ChatGLMConfig, detect_architecture
 from .prompt_learning import (
     ENCODER_TYPES,
     METHODS,
@@ -215,6 +215,31 @@ class PromptSettings:
         if self.encoder_hidden_size is not None and self.method not in ("prefix_tuning", "ptuning"):
             raise CheckpointError(f"{where}: encoder_hidden_size applies to prefix_tuning and ptuning, not to {self.method}")
         return self
+
+    # The one translation between the model config's tuning fields (pre_seq_len, prefix_projection,
+    # prompt_method, prompt_encoder_type, prompt_encoder_hidden_size) and this record.
+    @classmethod
+    def from_config(cls, config: ChatGLMConfig, method: str) -> "PromptSettings":
+        """The settings describing a loaded model of `method` (base model and family filled in by the caller)."""
+        soft = method in SOFT_PROMPT_METHODS
+        return cls(
+            config.architecture,
+            config.pre_seq_len if soft else None,
+            bool(config.prefix_projection) if soft else False,
+            method=method,
+            quantization_bit=config.quantization_bit,
+            encoder_type=config.prompt_encoder_type if method == "ptuning" else None,
+            encoder_hidden_size=config.prompt_encoder_hidden_size if method in ("prefix_tuning", "ptuning") else None,
+        )
+
+    def apply_to(self, config: ChatGLMConfig) -> None:
+        """Put the soft-prompt settings on a model config (the model builds its encoder from these)."""
+        config.pre_seq_len = self.pre_seq_len
+        config.prefix_projection = self.prefix_projection
+        config.prompt_method = self.method
+        if self.encoder_type is not None:
+            config.prompt_encoder_type = self.encoder_type
+        config.prompt_encoder_hidden_size = self.encoder_hidden_size
 
     def save(self, folder: Path) -> None:
         text = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"

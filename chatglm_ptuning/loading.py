@@ -44,7 +44,6 @@ from .configuration import (
 from .lora import LoraOptions, add_lora, load_lora
 from .methods import (
     MethodError,
-    apply_soft_prompt,
     init_new_soft_prompt,
     resolve_method,
     soft_prompt_encoder,
@@ -313,7 +312,7 @@ def load_model_weights(
             options.encoder_hidden_size,
             where,
         )
-        apply_soft_prompt(config, settings)
+        settings.apply_to(config)
     elif pre_seq_len is not None or options.prefix_projection or (options.encoder_type, options.encoder_hidden_size) != (None, None):
         raise MethodError(
             f"pre_seq_len, prefix_projection, encoder_type and encoder_hidden_size apply to the soft-prompt methods "

@@ -20,7 +20,6 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoint import CheckpointError, PromptSettings, read_prefix_checkpoint
-from .configuration import ChatGLMConfig
 from .prompt_learning import INPUT_PROMPT_METHODS, METHODS, SOFT_PROMPT_METHODS, PromptEmbedding
 
 
@@ -94,30 +93,6 @@ def soft_prompt_settings(
         if value is not None and value != stored:
             raise CheckpointError(f"{where} has {name} {stored} but {name} {value} was asked for")
     return checkpoint
-
-
-def apply_soft_prompt(config: ChatGLMConfig, settings: PromptSettings) -> None:
-    """Put soft-prompt settings on the model config (the model builds its encoder from these)."""
-    config.pre_seq_len = settings.pre_seq_len
-    config.prefix_projection = settings.prefix_projection
-    config.prompt_method = settings.method
-    if settings.encoder_type is not None:
-        config.prompt_encoder_type = settings.encoder_type
-    config.prompt_encoder_hidden_size = settings.encoder_hidden_size
-
-
-def settings_from_config(config: ChatGLMConfig, method: str) -> PromptSettings:
-    """The settings describing a loaded model of `method` (base model and family filled in by the caller)."""
-    soft = method in SOFT_PROMPT_METHODS
-    return PromptSettings(
-        config.architecture,
-        config.pre_seq_len if soft else None,
-        bool(config.prefix_projection) if soft else False,
-        method=method,
-        quantization_bit=config.quantization_bit,
-        encoder_type=config.prompt_encoder_type if method == "ptuning" else None,
-        encoder_hidden_size=config.prompt_encoder_hidden_size if method in ("prefix_tuning", "ptuning") else None,
-    )
 
 
 def soft_prompt_encoder(model: nn.Module) -> nn.Module:

@@ -27,7 +27,7 @@ from .constants import IGNORE_INDEX
 from .data import DataError, build_preprocess_function, load_rows, tokenizer_family, train_label_pad_id
 from .loading import load_model
 from .lora import LoraOptions
-from .methods import MethodError, count_parameters, resolve_method, settings_from_config
+from .methods import MethodError, count_parameters, resolve_method
 from .metrics import build_trainer_metrics
 from .prompt_learning import SOFT_PROMPT_METHODS
 from .run_folder import (
@@ -322,7 +322,7 @@ def _prompt_settings(model, tokenizer, model_args: ModelArguments, method: str) 
     saves the whole model, official key names)."""
     if method == "full":
         return None
-    prompt_settings = settings_from_config(model.config, method)
+    prompt_settings = PromptSettings.from_config(model.config, method)
     prompt_settings.base_model = str(Path(model_args.model_name_or_path).resolve())
     prompt_settings.family = tokenizer_family(tokenizer)
     return prompt_settings

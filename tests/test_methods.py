@@ -20,7 +20,8 @@ from chatglm_ptuning.checkpoint import CheckpointError, PromptSettings, save_pre
 from chatglm_ptuning.data import build_preprocess_function
 from chatglm_ptuning.export_merged import export_merged
 from chatglm_ptuning.lora import LoraOptions, merge_lora
-from chatglm_ptuning.methods import MethodError, settings_from_config
+from chatglm_ptuning.checkpoint import PromptSettings
+from chatglm_ptuning.methods import MethodError
 from chatglm_ptuning.official_format import write_official_folder
 from chatglm_ptuning.train import main
 
@@ -223,7 +224,7 @@ def test_virtual_token_rows_generate_the_same_alone_or_left_padded(model_dirs, a
 
 def _soft_checkpoint(model_dir: Path, folder: Path, method: str, **kwargs) -> Path:
     model, _ = load_model(model_dir, method=method, pre_seq_len=P, device="cpu", **kwargs)
-    return save_prefix_checkpoint(model.prefix_state_dict(), folder, settings_from_config(model.config, method))
+    return save_prefix_checkpoint(model.prefix_state_dict(), folder, PromptSettings.from_config(model.config, method))
 
 
 def _lora_checkpoint(model_dir: Path, folder: Path) -> Path:
