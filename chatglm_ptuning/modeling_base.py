@@ -60,7 +60,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
 
 
-class PrefixTuningMixin:
+class SoftPromptMixin:
     """Adds the soft prompt of `config.prompt_method` to an inner ChatGLM model (the module named
     `transformer`): a layer-level prefix (`prefix_encoder`) or virtual input tokens (`prompt_encoder`).
 
@@ -205,7 +205,7 @@ def lm_head_output(
     return logits, (summed / divisor).to(hidden_states.dtype)
 
 
-def freeze_backbone_for_prefix(model: nn.Module) -> None:
+def freeze_all_but_soft_prompt(model: nn.Module) -> None:
     """With a soft prompt, train only its encoder (`transformer.prefix_encoder.*` or
     `transformer.prompt_encoder.*`); the original freezes the rest."""
     for name, param in model.named_parameters():
@@ -280,7 +280,7 @@ class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
 
             quantize(self, self.config.quantization_bit, empty_init=True)
         if self.config.pre_seq_len:
-            freeze_backbone_for_prefix(self)
+            freeze_all_but_soft_prompt(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -296,7 +296,7 @@ class ChatGLMLMBase(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
         if bits:
             model.quantize(bits)
         if model.config.pre_seq_len:
-            freeze_backbone_for_prefix(model)
+            freeze_all_but_soft_prompt(model)
         return loaded
 
     def quantize(self, bits: int, empty_init: bool = False, device: torch.device | str | None = None):

@@ -15,7 +15,7 @@ Deliberate differences from the original, each for a reason:
   inv_freq buffer, which in bf16 rounds every position above 256.
 - Prompt Tuning / P-tuning virtual tokens (not in the original) go first, inside the bidirectional
   context before [gMASK]: position row 0 gives them 0..P-1 and moves every real token up by P, block
-  positions (row 1) are 0 for them and unchanged for the rest (see `PrefixTuningMixin`).
+  positions (row 1) are 0 for them and unchanged for the rest (see `SoftPromptMixin`).
 - position_encoding_2d=False: positions follow the original's evident intent (tokens from <sop> on
   take the [MASK] position, only when [MASK] rather than [gMASK] is used); its code indexes the
   batch dimension there by mistake.
@@ -37,7 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from .configuration import ChatGLM6BConfig
 from .glm_positions import glm_attention_mask, glm_position_ids, next_position_ids, padding_mask_from_block_mask
 from .linear import BlockedLinear
-from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
+from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, SoftPromptMixin
 
 VIRTUAL_TOKEN_ID = -1  # stands for a virtual input token where the mask is derived from ids; never embedded
 MASK_FILL = -10000.0  # the original fills blocked scores with this (not -inf) before the layer coefficient
@@ -221,7 +221,7 @@ class ChatGLM6BPreTrainedModel(ChatGLMPreTrainedModel):
             init.copy_(module.inv_freq, glm_inv_freq(module.dim))
 
 
-class ChatGLMModel(PrefixTuningMixin, ChatGLM6BPreTrainedModel):
+class ChatGLMModel(SoftPromptMixin, ChatGLM6BPreTrainedModel):
     """The ChatGLM-6B transformer: embeddings, GLM blocks, final LayerNorm (official key names)."""
 
     _input_embed_layer = "word_embeddings"

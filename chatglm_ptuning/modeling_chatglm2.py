@@ -8,7 +8,7 @@ so official folders load unchanged. Differences from the original are in plumbin
 - the KV cache is a transformers `Cache` (`[b, groups, seq, D]`, un-expanded groups);
 - the P-tuning v2 prefix is concatenated in front of each layer's keys/values inside attention and is
   never written into the cache, so it survives gradient checkpointing and every generation strategy;
-- Prompt Tuning / P-tuning virtual tokens go first, before [gMASK, sop] (see `PrefixTuningMixin`).
+- Prompt Tuning / P-tuning virtual tokens go first, before [gMASK, sop] (see `SoftPromptMixin`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from .configuration import ChatGLM2Config
 from .linear import BlockedLinear
-from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, PrefixTuningMixin
+from .modeling_base import ChatGLMLMBase, ChatGLMPreTrainedModel, SoftPromptMixin
 
 logger = logging.get_logger(__name__)
 
@@ -307,7 +307,7 @@ def build_attention_mask(padding_mask: torch.Tensor | None, query_length: int, p
     return allowed[:, None]
 
 
-class ChatGLM2Model(PrefixTuningMixin, ChatGLMPreTrainedModel):
+class ChatGLM2Model(SoftPromptMixin, ChatGLMPreTrainedModel):
     """The ChatGLM2/3 backbone (`transformer.*` in official checkpoints), output layer included.
 
     Submodules carry the official names: `embedding.word_embeddings`, `rotary_pos_emb`,
