@@ -20,6 +20,7 @@ from transformers.integrations.deepspeed import deepspeed_load_checkpoint, is_de
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .batch_generation import generate_rows
 from .checkpoint import PromptSettings, save_prefix_checkpoint
 from .collator import PROMPT_LENGTH_KEY, REAL_TOKENS_KEY
 from .constants import IGNORE_INDEX
@@ -330,7 +331,8 @@ class PromptTrainer(Seq2SeqTrainer):
 
         `max_length` is the reference's total length (prompt + answer). Each row gets the budget
         it would have alone (max_length - its own prompt length), so results do not depend on
-        which rows share a batch. A decoder-only model's eval rows hold the prompt in input_ids and
+        which rows share a batch; a row leaves the batch once it has finished (see `generate_rows`).
+        A decoder-only model's eval rows hold the prompt in input_ids and
         the reference answer in labels (different lengths), so no loss is computed on this path.
         """
         if not self.args.predict_with_generate or prediction_loss_only:
@@ -340,17 +342,10 @@ class PromptTrainer(Seq2SeqTrainer):
         gen_kwargs = {k: v for k, v in gen_kwargs.items() if v is not None}
         gen_kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled())
         max_length = gen_kwargs.pop("max_length", None) or self.model.generation_config.max_length
-        prompt = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        padded_length = prompt["input_ids"].shape[-1]
-        lengths = inputs.get(PROMPT_LENGTH_KEY)
-        if lengths is None:
-            lengths = torch.full((prompt["input_ids"].shape[0],), padded_length)
-        budgets = (max_length - lengths).clamp(min=0)
+        budgets = max_length - _prompt_lengths(inputs)
+        pad_id = self.processing_class.pad_token_id
         with torch.no_grad():
-            generated = self.model.generate(**prompt, max_new_tokens=max(int(budgets.max()), 1), **gen_kwargs)
-        generated = generated[:, padded_length:]
-        beyond = torch.arange(generated.shape[-1], device=generated.device)[None, :] >= budgets.to(generated.device)[:, None]
-        generated = generated.masked_fill(beyond, self.processing_class.pad_token_id)
+            generated = generate_rows(self.model, inputs["input_ids"], _left_padding_mask(inputs), budgets, pad_id, **gen_kwargs)
         generated = self._pad_tensors_to_max_len(generated, max_length)
         labels = inputs.get("labels")
         if labels is not None:
@@ -548,6 +543,26 @@ def _rows_in_order(values, rows: int | None, inverse: np.ndarray | None):  # noq
         return values
     values = values[:rows]
     return values if inverse is None else values[inverse]
+
+
+def _prompt_lengths(inputs: dict) -> torch.Tensor:
+    """Each eval row's prompt length [b]: the collator's count, else the 2D attention mask's, else
+    the padded width (no padding known)."""
+    if PROMPT_LENGTH_KEY in inputs:
+        return inputs[PROMPT_LENGTH_KEY].to(inputs["input_ids"].device)
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask.long().sum(-1)
+    return torch.full(inputs["input_ids"].shape[:1], inputs["input_ids"].shape[-1], device=inputs["input_ids"].device)
+
+
+def _left_padding_mask(inputs: dict) -> torch.Tensor:
+    """The 2D padding mask [b, n] (1 = token) of left-padded prompt rows. The ChatGLM-6B tokenizer's
+    [b, 1, n, n] mask and its positions are not passed on: generation rebuilds both from this
+    mask at every length, as it does for ChatGLM2/3."""
+    width = inputs["input_ids"].shape[-1]
+    positions = torch.arange(width, device=inputs["input_ids"].device)
+    return (positions[None, :] >= width - _prompt_lengths(inputs)[:, None]).long()
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
