@@ -70,6 +70,7 @@ def generate_rows(
     attention_mask: torch.Tensor,
     budgets: torch.Tensor,
     pad_token_id: int,
+    drop_finished: bool = True,
     **settings: Any,
 ) -> torch.Tensor:
     """New tokens for each left-padded prompt row: [b, m], m the most any row made.
@@ -77,10 +78,11 @@ def generate_rows(
     input_ids, attention_mask [b, n]; budgets [b]: the most new tokens each row may make. A row
     stops at its budget or after EOS; its later positions hold `pad_token_id`. `settings` are
     generate() keyword arguments (not max_length / max_new_tokens: the budgets replace them).
+    `drop_finished=False` runs one call, as transformers does (same tokens, more work).
     """
     device = input_ids.device
     budgets = budgets.to(device).clamp(min=0)
-    if not can_drop_finished_rows(settings):
+    if not (drop_finished and can_drop_finished_rows(settings)):
         return _generate_in_one_call(model, input_ids, attention_mask, budgets, **{**settings, "pad_token_id": pad_token_id})
     settings = {k: v for k, v in settings.items() if k != "pad_token_id"}
     prompt_width = input_ids.shape[1]

@@ -84,6 +84,8 @@ class PromptTrainer(Seq2SeqTrainer):
     With `sort_eval_by_length` (the default) evaluation/prediction rows are batched longest prompt
     first, so each batch pads and generates little beyond its rows' own needs; predictions, label
     ids and metrics are put back in the dataset's order (one per row, also across processes).
+    With `drop_finished_rows` (the default) a generating row leaves its batch once it has made EOS
+    or its budget (`batch_generation.generate_rows`); the tokens are the same either way.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class PromptTrainer(Seq2SeqTrainer):
         generation_kwargs: dict | None = None,
         run_settings: dict | None = None,
         sort_eval_by_length: bool = True,
+        drop_finished_rows: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -112,6 +115,7 @@ class PromptTrainer(Seq2SeqTrainer):
         self.add_callback(DivergenceGuard(self))
         self.add_callback(CommandLineStepsCallback())
         self.sort_eval_by_length = sort_eval_by_length
+        self.drop_finished_rows = drop_finished_rows
         self._token_counts = [0, 0]  # real, computed: this process's training batches
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):  # noqa: ANN001
@@ -345,7 +349,9 @@ class PromptTrainer(Seq2SeqTrainer):
         budgets = max_length - _prompt_lengths(inputs)
         pad_id = self.processing_class.pad_token_id
         with torch.no_grad():
-            generated = generate_rows(self.model, inputs["input_ids"], _left_padding_mask(inputs), budgets, pad_id, **gen_kwargs)
+            generated = generate_rows(
+                self.model, inputs["input_ids"], _left_padding_mask(inputs), budgets, pad_id, self.drop_finished_rows, **gen_kwargs
+            )
         generated = self._pad_tensors_to_max_len(generated, max_length)
         labels = inputs.get("labels")
         if labels is not None:

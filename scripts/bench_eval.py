@@ -2,11 +2,15 @@
 
 Measures, in one run on this machine:
 - evaluation (generation through PromptTrainer.predict, greedy) on the embedded tiny model and on a
-  mid-size ChatGLM2-shaped model with random weights, over the rows of data_samples/adgen_dev.json:
-  at eval batch 1, and at batch 8 in file order and length-sorted (PromptTrainer's default:
-  longest prompt first, predictions put back in file order): samples/s, generated tokens/s, the
-  ratio to batch 1 and, for the sorted rows, to file order at the same batch size; the predictions
-  of every configuration are checked equal to batch 1's;
+  mid-size ChatGLM2-shaped model with random weights, over the rows of data_samples/adgen_dev.json
+  at the recipe's 64-token source and 128-token answer budget: at eval batch 1, and at batch 8 in
+  file order with one generate() call per batch (transformers' and the reference's way: a batch
+  runs until its longest answer is done), in file order with finished rows leaving the batch, and
+  length-sorted with finished rows leaving (PromptTrainer's default; predictions put back in file
+  order): samples/s, generated tokens/s, the ratio to batch 1 and to one call in file order at the
+  same batch size; the predictions of every configuration are checked equal to batch 1's. The
+  random-weight model answers each row with as many tokens as its reference answer (see
+  AnswerAsLongAsReference); the embedded model was trained and stops by itself;
 - metric scoring (ROUGE-1/2/L + BLEU-4, metrics.compute_metrics) of 1,000 and 10,000 pairs, serial
   and on every core, with the ratio.
 
@@ -25,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "chatglm_ptuning" / "embedded"
@@ -70,12 +75,43 @@ def _eval_dataset(tokenizer, samples: int, max_source: int, max_target: int):
 
 
 FILE_ORDER, SORTED = "file order", "length-sorted"
-CONFIGS = ((1, FILE_ORDER), (8, FILE_ORDER), (8, SORTED))  # (eval batch size, row order)
+ONE_CALL, ROWS_LEAVE = "one generate() call per batch", "finished rows leave"
+# (eval batch size, row order, how a batch generates); the last is PromptTrainer's default
+CONFIGS = ((1, FILE_ORDER, ROWS_LEAVE), (8, FILE_ORDER, ONE_CALL), (8, FILE_ORDER, ROWS_LEAVE), (8, SORTED, ROWS_LEAVE))
 
 
-def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new: int, max_source: int = 64, rounds: int = 1) -> list[dict]:  # noqa: ANN001
+class AnswerAsLongAsReference(LogitsProcessor):
+    """Lets a random-weight model answer like a trained one: a row emits EOS once it has made as many
+    tokens as its reference answer (random weights practically never choose EOS). The row is found
+    by its prompt, so the answer lengths do not depend on the batch or the row order."""
+
+    def __init__(self, prompts: list[list[int]], answer_lengths: list[int], pad_id: int, eos_id: int):
+        self.answer_lengths = {tuple(p): n for p, n in zip(prompts, answer_lengths)}
+        self.prompt_sizes = sorted({len(p) for p in prompts})
+        self.pad_id, self.eos_id = pad_id, eos_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, ids in enumerate(input_ids.tolist()):
+            start = next(i for i, t in enumerate(ids) if t != self.pad_id)  # past the left padding
+            for size in self.prompt_sizes:
+                length = self.answer_lengths.get(tuple(ids[start : start + size]))
+                if length is not None and len(ids) - start - size >= length:
+                    scores[row] = float("-inf")
+                    scores[row, self.eos_id] = 0
+        return scores
+
+
+def _reference_lengths(dataset, tokenizer) -> AnswerAsLongAsReference:  # noqa: ANN001
+    ignored = (-100, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    lengths = [sum(t not in ignored for t in labels) for labels in dataset["labels"]]
+    return AnswerAsLongAsReference(dataset["input_ids"], lengths, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new: int, max_source: int = 64, rounds: int = 1,  # noqa: ANN001
+                     reference_lengths: bool = False) -> list[dict]:
     """Each configuration's fastest of `rounds` runs (batch 1, the slow baseline, runs once); the
-    configurations alternate within a round, so a change in the machine's load falls on all alike."""
+    configurations alternate within a round, so a change in the machine's load falls on all alike.
+    With `reference_lengths` every answer is as long as its reference (see AnswerAsLongAsReference)."""
     from chatglm_ptuning.arguments import TrainingArguments
     from chatglm_ptuning.collator import PromptBatchCollator
     from chatglm_ptuning.loading import load_model
@@ -84,11 +120,15 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
     model, tokenizer = load_model(model_dir, device="cpu", dtype=torch.float32)
     dataset = _eval_dataset(tokenizer, samples, max_source, max_new)
     params = sum(p.numel() for p in model.parameters())
+    # The recipe's budget per row (prompt + max_new in total), greedy: comparable across batch sizes.
+    generation = {"do_sample": False, "max_length": max_source + max_new}
+    if reference_lengths:
+        generation["logits_processor"] = LogitsProcessorList([_reference_lengths(dataset, tokenizer)])
     seconds: dict[tuple, float] = {}
     predictions: dict[tuple, torch.Tensor] = {}
     for round_index in range(rounds):
         for config in configs:
-            batch_size, order = config
+            batch_size, order, generating = config
             if batch_size == 1 and round_index:
                 continue
             with tempfile.TemporaryDirectory() as out:
@@ -97,9 +137,8 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
                 collator = PromptBatchCollator(tokenizer)
                 trainer = PromptTrainer(
                     model=model, args=args, processing_class=tokenizer, data_collator=collator, eval_collator=collator,
-                    # A fixed answer budget per row (prompt + max_new), greedy: comparable across batch sizes.
-                    generation_kwargs={"do_sample": False, "max_length": max_source + max_new},
-                    sort_eval_by_length=order == SORTED,
+                    generation_kwargs=generation, sort_eval_by_length=order == SORTED,
+                    drop_finished_rows=generating == ROWS_LEAVE,
                 )
                 start = time.perf_counter()
                 output = trainer.predict(dataset)
@@ -108,10 +147,11 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
     baseline = predictions[configs[0]]
     rows = []
     for config in configs:
-        batch_size, order = config
+        batch_size, order, generating = config
         generated = int(((predictions[config] != tokenizer.pad_token_id) & (predictions[config] != -100)).sum())
         rows.append({
-            "model": label, "parameters": params, "batch_size": batch_size, "order": order, "samples": len(dataset),
+            "model": label, "parameters": params, "batch_size": batch_size, "order": order, "generation": generating,
+            "samples": len(dataset), "generated_tokens": generated,
             "seconds": round(seconds[config], 3), "samples_per_s": round(len(dataset) / seconds[config], 3),
             "generated_tokens_per_s": round(generated / seconds[config], 1),
             "predictions_equal_batch_1": bool(torch.equal(predictions[config], baseline)),
@@ -119,8 +159,8 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
     base = rows[0]["samples_per_s"]
     for row in rows:
         row["ratio_vs_batch_1"] = round(row["samples_per_s"] / base, 2)
-        same_batch = [r for r in rows if r["batch_size"] == row["batch_size"] and r["order"] == FILE_ORDER]
-        row["ratio_vs_file_order"] = round(row["samples_per_s"] / same_batch[0]["samples_per_s"], 2) if same_batch else None
+        same_batch = [r for r in rows if r["batch_size"] == row["batch_size"] and (r["order"], r["generation"]) == (FILE_ORDER, ONE_CALL)]
+        row["ratio_vs_file_order_one_call"] = round(row["samples_per_s"] / same_batch[0]["samples_per_s"], 2) if same_batch else None
     return rows
 
 
@@ -167,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    samples, max_new = (4, 4) if args.quick else (args.samples, 32)
+    samples, max_new = (4, 4) if args.quick else (args.samples, 128)
     result: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
                     "quick": args.quick, "max_source": 64, "max_new_tokens": max_new, "rounds": args.rounds,
                     "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
@@ -175,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.quick:
         with tempfile.TemporaryDirectory() as tmp:
             mid = _mid_size_model(Path(tmp) / "mid", 1024, 8)
-            generation += bench_generation(mid, "mid (h1024, 8 layers)", CONFIGS, samples, max_new, rounds=args.rounds)
+            generation += bench_generation(mid, "mid (h1024, 8 layers), reference-length answers", CONFIGS, samples, max_new,
+                                           rounds=args.rounds, reference_lengths=True)
     result["generation"] = generation
     if not args.skip_metrics:
         result["metrics"] = bench_metrics([50] if args.quick else [1000, 10000])

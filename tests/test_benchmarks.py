@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the benchmarks are the `scripts` package; their child processes import it too
@@ -102,8 +103,37 @@ def test_bench_eval_quick(tmp_path, capsys):
     assert json.loads(output.read_text())["generation"] == result["generation"]
     assert "## Evaluation" in capsys.readouterr().out
     rows = result["generation"]
-    assert [(r["batch_size"], r["order"]) for r in rows] == [(1, "file order"), (8, "file order"), (8, "length-sorted")]
-    assert all(r["predictions_equal_batch_1"] for r in rows) and rows[2]["ratio_vs_file_order"] > 0
+    assert [(r["batch_size"], r["order"], r["generation"]) for r in rows] == list(bench_eval.CONFIGS)
+    assert all(r["predictions_equal_batch_1"] for r in rows) and rows[3]["ratio_vs_file_order_one_call"] > 0
+
+
+def test_random_weights_answer_as_long_as_the_reference():
+    """The mid-model rows of bench_eval stop by AnswerAsLongAsReference, whatever the batch."""
+    from chatglm_ptuning.batch_generation import generate_rows
+    from chatglm_ptuning.loading import load_model
+
+    model, tokenizer = load_model(bench_eval.EMBEDDED, device="cpu", dtype=torch.float32)
+    dataset = bench_eval._eval_dataset(tokenizer, 3, 64, 128)
+    stop = bench_eval._reference_lengths(dataset, tokenizer)
+    prompts = dataset["input_ids"]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = (ids != pad).long()
+    lengths = list(stop.answer_lengths.values())
+    # EOS excluded by _NoEos: only the reference lengths end the rows
+    never_eos = transformers.LogitsProcessorList([_NoEos(tokenizer.eos_token_id), stop])
+    out = generate_rows(model, ids, mask, torch.full((3,), 100), pad, do_sample=False, logits_processor=never_eos)
+    assert [row.index(tokenizer.eos_token_id) for row in out.tolist()] == lengths
+
+
+class _NoEos(transformers.LogitsProcessor):
+    def __init__(self, eos_id: int):
+        self.eos_id = eos_id
+
+    def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204
+        scores[:, self.eos_id] = float("-inf")
+        return scores
 
 
 def test_bench_train_padding_quick(tmp_path, capsys):
