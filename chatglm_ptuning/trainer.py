@@ -39,6 +39,11 @@ from .run_folder import (
 
 logger = logging.getLogger(__name__)
 
+# Eval batches generated together when rows can finish early: each generating prediction_step keeps
+# per_device_eval_batch_size rows running and refills places from this many batches' rows, so only
+# the pool's last rows run in a draining batch.
+GENERATION_POOL_BATCHES = 8
+
 # The private Trainer methods PromptTrainer overrides, each because transformers offers no public
 # hook for it (tests/test_trainer_hooks.py fails when one is renamed or its parameters change).
 # Everything else goes through public hooks: get_eval_dataloader/get_test_dataloader, save_model,
@@ -85,7 +90,9 @@ class PromptTrainer(Seq2SeqTrainer):
     first, so each batch pads and generates little beyond its rows' own needs; predictions, label
     ids and metrics are put back in the dataset's order (one per row, also across processes).
     With `drop_finished_rows` (the default) a generating row leaves its batch once it has made EOS
-    or its budget (`batch_generation.generate_rows`); the tokens are the same either way.
+    or its budget and a waiting row takes its place (`batch_generation.generate_rows`; a
+    prediction_step gets GENERATION_POOL_BATCHES eval batches' rows); the tokens are the same
+    either way, and the same as at batch size 1 when greedy.
     """
 
     def __init__(
@@ -205,24 +212,28 @@ class PromptTrainer(Seq2SeqTrainer):
         return {"train_real_tokens": real, "train_computed_tokens": computed}
 
     def get_eval_dataloader(self, eval_dataset=None):  # noqa: ANN001, ANN201
-        with self._eval_collator_in_use():
+        with self._eval_batching():
             return super().get_eval_dataloader(eval_dataset)
 
     def get_test_dataloader(self, test_dataset):  # noqa: ANN001, ANN201
-        with self._eval_collator_in_use():
+        with self._eval_batching():
             return super().get_test_dataloader(test_dataset)
 
     @contextmanager
-    def _eval_collator_in_use(self):  # noqa: ANN202
-        """While an eval/test dataloader is built: `eval_collator` (when given) batches its rows."""
-        if self.eval_collator is None:
-            yield
-            return
-        train_collator, self.data_collator = self.data_collator, self.eval_collator
+    def _eval_batching(self):  # noqa: ANN202
+        """While an eval/test dataloader is built: `eval_collator` (when given) batches its rows, and
+        when generating, each batch holds GENERATION_POOL_BATCHES eval batches' rows, of which
+        prediction_step generates `per_device_eval_batch_size` at a time (a finished row's place goes
+        to the next waiting row)."""
+        train_collator, eval_batch_size = self.data_collator, self.args.per_device_eval_batch_size
+        if self.eval_collator is not None:
+            self.data_collator = self.eval_collator
+        if self.args.predict_with_generate and not self.args.prediction_loss_only and self.drop_finished_rows:
+            self.args.per_device_eval_batch_size = eval_batch_size * GENERATION_POOL_BATCHES
         try:
             yield
         finally:
-            self.data_collator = train_collator
+            self.data_collator, self.args.per_device_eval_batch_size = train_collator, eval_batch_size
 
     # --- what gets saved -------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -335,7 +346,8 @@ class PromptTrainer(Seq2SeqTrainer):
 
         `max_length` is the reference's total length (prompt + answer). Each row gets the budget
         it would have alone (max_length - its own prompt length), so results do not depend on
-        which rows share a batch; a row leaves the batch once it has finished (see `generate_rows`).
+        which rows share a batch; at most per_device_eval_batch_size rows generate at once, and a
+        finished row's place goes to the next waiting row (see `generate_rows`).
         A decoder-only model's eval rows hold the prompt in input_ids and
         the reference answer in labels (different lengths), so no loss is computed on this path.
         """
@@ -350,7 +362,8 @@ class PromptTrainer(Seq2SeqTrainer):
         pad_id = self.processing_class.pad_token_id
         with torch.no_grad():
             generated = generate_rows(
-                self.model, inputs["input_ids"], _left_padding_mask(inputs), budgets, pad_id, self.drop_finished_rows, **gen_kwargs
+                self.model, inputs["input_ids"], _left_padding_mask(inputs), budgets, pad_id, self.drop_finished_rows,
+                max_rows=self.args.per_device_eval_batch_size, **gen_kwargs,
             )
         generated = self._pad_tensors_to_max_len(generated, max_length)
         labels = inputs.get("labels")

@@ -8,6 +8,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from chatglm_ptuning.batch_generation import can_drop_finished_rows, generate_rows
 from chatglm_ptuning.loading import load_model
+from chatglm_ptuning.lora import LoraOptions
+from chatglm_ptuning.prompt_learning import INPUT_PROMPT_METHODS
 
 PROMPTS = ["类型#裙*颜色#红色", "你好", "类型#上衣*材质#牛仔布*风格#简约*图案#刺绣", "写一首诗", "今天天气怎么样？请详细回答"]
 
@@ -31,7 +33,8 @@ class RowCounter:
 
     def __init__(self, model: torch.nn.Module):
         self.sizes: list[int] = []
-        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with its base model
+        self.handle = inner.register_forward_pre_hook(self.record, with_kwargs=True)
 
     def record(self, module, args, kwargs) -> None:  # noqa: ANN001
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -47,12 +50,20 @@ def _prompts(tokenizer, texts):  # noqa: ANN001, ANN202
     return rows, ids, mask
 
 
+def _load(folder, method: str):  # noqa: ANN001, ANN202
+    torch.manual_seed(0)
+    options = {"lora_options": LoraOptions(rank=4, alpha=8, dropout=0.0)} if method == "lora" else {"pre_seq_len": 4}
+    model, tokenizer = load_model(folder, method=method, device="cpu", dtype=torch.float32, **options)
+    if method == "lora":  # a trained adapter's B is not zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)
+    return model, tokenizer
+
+
 @pytest.fixture(params=["chatglm2", "chatglm6b"])
 def model_with_prefix(request, tiny_glm2_dir, tiny_glm1_dir):
-    folder = tiny_glm2_dir if request.param == "chatglm2" else tiny_glm1_dir
-    torch.manual_seed(0)
-    model, tokenizer = load_model(folder, pre_seq_len=4, device="cpu", dtype=torch.float32)
-    return model, tokenizer
+    return _load(tiny_glm2_dir if request.param == "chatglm2" else tiny_glm1_dir, "ptuning_v2")
 
 
 def test_rows_leave_the_batch_and_equal_batch_size_1(model_with_prefix):
@@ -79,6 +90,35 @@ def test_rows_leave_the_batch_and_equal_batch_size_1(model_with_prefix):
     # one prefill of 5 rows, then decoding steps whose batch shrinks as rows finish
     assert sizes[0] == 5 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 5
     assert sum(sizes) == sum(lengths), "each row costs one row-forward per token it makes, no more"
+
+
+@pytest.mark.parametrize("family,method", [
+    ("chatglm2", "ptuning_v2"), ("chatglm6b", "ptuning_v2"),
+    ("chatglm2", "prompt_tuning"), ("chatglm6b", "ptuning"),  # one generate() call per group of 3 rows
+    ("chatglm2", "lora"),
+])
+def test_waiting_rows_take_the_places_of_finished_ones(family, method, tiny_glm2_dir, tiny_glm1_dir):
+    model, tokenizer = _load(tiny_glm2_dir if family == "chatglm2" else tiny_glm1_dir, method)
+    texts = PROMPTS + ["好", "类型#裤*版型#宽松*风格#街头*图案#字母", "推荐一本书"]
+    rows, ids, mask = _prompts(tokenizer, texts)
+    budgets = torch.tensor([14, 6, 14, 11, 14, 3, 14, 9])
+    settings = {"do_sample": False, "logits_processor": LogitsProcessorList([EndAfterTokenMultipleOf(5, tokenizer.eos_token_id)])}
+    counter = RowCounter(model)
+    pooled = generate_rows(model, ids, mask, budgets, tokenizer.pad_token_id, max_rows=3, **settings)
+    sizes = counter.sizes
+    counter.handle.remove()
+    pad = tokenizer.pad_token_id
+    made = 0
+    for i, row in enumerate(rows):
+        alone = generate_rows(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), budgets[i : i + 1], pad, **settings)
+        assert pooled[i, : alone.shape[1]].tolist() == alone[0].tolist(), f"row {i} differs from batch size 1"
+        assert (pooled[i, alone.shape[1] :] == pad).all()
+        made += int((alone[0] != pad).sum())
+    assert max(sizes) == 3
+    if method in INPUT_PROMPT_METHODS:  # virtual tokens in the cache: groups of 3 rows, each until its last row is done
+        assert sizes == sorted(sizes, reverse=True) and set(sizes) == {3, 2} and sum(sizes) > made
+    else:  # rows joined the running batch as others finished: one row-forward per token made, no more
+        assert sum(sizes) == made and sizes.count(3) > 2
 
 
 def test_equals_one_generate_call_masked_to_the_budgets(model_with_prefix):
@@ -109,9 +149,47 @@ def test_sampling_rows_stop_at_eos_then_pad(model_with_prefix):
             assert all(t == tokenizer.pad_token_id for t in row[end:])
 
 
-def test_settings_that_cannot_run_in_rounds():
-    assert can_drop_finished_rows({"do_sample": True, "top_p": 0.7, "temperature": 0.95, "synced_gpus": False})
-    assert not can_drop_finished_rows({"num_beams": 4})
-    assert not can_drop_finished_rows({"synced_gpus": True})  # ZeRO-3: every rank must run the same forwards
-    assert not can_drop_finished_rows({"min_new_tokens": 5})  # counted from where each call starts
-    assert not can_drop_finished_rows({"num_return_sequences": 2})
+def test_settings_that_cannot_run_in_rounds(model_with_prefix):
+    model, _ = model_with_prefix
+    assert can_drop_finished_rows(model, {"do_sample": True, "top_p": 0.7, "temperature": 0.95, "synced_gpus": False})
+    assert not can_drop_finished_rows(model, {"num_beams": 4})
+    assert not can_drop_finished_rows(model, {"synced_gpus": True})  # ZeRO-3: every rank must run the same forwards
+    assert not can_drop_finished_rows(model, {"min_new_tokens": 5})  # counted from where each call starts
+    assert not can_drop_finished_rows(model, {"num_return_sequences": 2})
+
+
+def test_trainer_predict_refills_the_batch_and_keeps_the_predictions(tmp_path, tiny_glm2_dir):
+    """PromptTrainer.predict: eval batch 2, rows finishing at their own EOS; the same predictions with
+    and without refilling, never more than 2 rows per forward, and fewer row-forwards with it."""
+    from official_layout import REPO_ROOT
+
+    from chatglm_ptuning.arguments import DataTrainingArguments, TrainingArguments
+    from chatglm_ptuning.collator import PromptBatchCollator
+    from chatglm_ptuning.data import build_preprocess_function, load_rows
+    from chatglm_ptuning.trainer import GENERATION_POOL_BATCHES, PromptTrainer
+
+    model, tokenizer = _load(tiny_glm2_dir, "ptuning_v2")
+    dev = str(REPO_ROOT / "data_samples" / "adgen_dev.json")
+    args = DataTrainingArguments(test_file=dev, prompt_column="content", response_column="summary", max_source_length=48, max_target_length=16)
+    dataset = load_rows(dev, args).to_dataset().select(range(9))
+    dataset = dataset.map(build_preprocess_function(tokenizer, args, train=False), batched=True, batch_size=1,
+                          remove_columns=dataset.column_names).select_columns(["input_ids", "labels"])
+    processors = LogitsProcessorList([EndAfterTokenMultipleOf(4, tokenizer.eos_token_id)])
+    results = {}
+    for refill in (True, False):
+        training_args = TrainingArguments(output_dir=str(tmp_path / str(refill)), per_device_eval_batch_size=2,
+                                          predict_with_generate=True, report_to=[], use_cpu=True, disable_tqdm=True)
+        collator = PromptBatchCollator(tokenizer)
+        trainer = PromptTrainer(
+            model=model, args=training_args, processing_class=tokenizer, data_collator=collator, eval_collator=collator,
+            generation_kwargs={"do_sample": False, "max_length": 48 + 16, "logits_processor": processors}, drop_finished_rows=refill,
+        )
+        batches = [len(batch["input_ids"]) for batch in trainer.get_test_dataloader(dataset)]
+        assert batches == ([9] if refill and GENERATION_POOL_BATCHES * 2 >= 9 else [2, 2, 2, 2, 1])
+        assert trainer.args.per_device_eval_batch_size == 2
+        counter = RowCounter(model)
+        results[refill] = (trainer.predict(dataset).predictions, counter.sizes)
+        counter.handle.remove()
+    (refilled, sizes), (one_call, sizes_one_call) = results[True], results[False]
+    assert (refilled == one_call).all()
+    assert max(sizes) == 2 and sum(sizes) < sum(sizes_one_call)
