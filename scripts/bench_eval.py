@@ -126,6 +126,7 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
         generation["logits_processor"] = LogitsProcessorList([_reference_lengths(dataset, tokenizer)])
     seconds: dict[tuple, float] = {}
     predictions: dict[tuple, torch.Tensor] = {}
+    forwards: dict[tuple, tuple[int, int]] = {}  # model forwards, and rows summed over them
     for round_index in range(rounds):
         for config in configs:
             batch_size, order, generating = config
@@ -140,9 +141,13 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
                     generation_kwargs=generation, sort_eval_by_length=order == SORTED,
                     drop_finished_rows=generating == ROWS_LEAVE,
                 )
+                rows_per_forward: list[int] = []
+                hook = model.register_forward_pre_hook(lambda m, a, k: rows_per_forward.append(len(k["input_ids"])), with_kwargs=True)
                 start = time.perf_counter()
                 output = trainer.predict(dataset)
                 seconds[config] = min(seconds.get(config, float("inf")), time.perf_counter() - start)
+                hook.remove()
+                forwards[config] = (len(rows_per_forward), sum(rows_per_forward))
             predictions[config] = torch.as_tensor(output.predictions)
     baseline = predictions[configs[0]]
     rows = []
@@ -151,7 +156,7 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
         generated = int(((predictions[config] != tokenizer.pad_token_id) & (predictions[config] != -100)).sum())
         rows.append({
             "model": label, "parameters": params, "batch_size": batch_size, "order": order, "generation": generating,
-            "samples": len(dataset), "generated_tokens": generated,
+            "samples": len(dataset), "generated_tokens": generated, "forwards": forwards[config][0], "row_forwards": forwards[config][1],
             "seconds": round(seconds[config], 3), "samples_per_s": round(len(dataset) / seconds[config], 3),
             "generated_tokens_per_s": round(generated / seconds[config], 1),
             "predictions_equal_batch_1": bool(torch.equal(predictions[config], baseline)),
