@@ -355,6 +355,54 @@ def padding_case(
     }
 
 
+PAIRED_LAYOUTS = (FIXED, PER_BATCH, PER_BATCH_8)  # the layouts that train the same rows
+
+
+def paired_padding_case(
+    shape: ModelShape, batch: int, samples: int, dtype: str, tokenizer_dir: str, max_source: int, max_target: int,
+    seed: int, repeats: int,
+) -> dict:
+    """Runs in a child: the layouts of PAIRED_LAYOUTS back to back on each micro-batch (forward + backward on
+    one model, no optimizer step, so every layout sees the same weights), `repeats` passes over the rows,
+    the layout order rotated per micro-batch. A layout's time is the sum over the micro-batches of its
+    fastest pass: a busy spell slows all layouts alike or is discarded."""
+    from chatglm_ptuning.collator import REAL_TOKENS_KEY, TrainBatchCollator
+
+    tokenizer = Path(tokenizer_dir)
+    rows = {FIXED: adgen_training_features(tokenizer, True, max_source, max_target)[0]}
+    rows[PER_BATCH], pad_id = adgen_training_features(tokenizer, False, max_source, max_target)
+    rows[PER_BATCH_8] = rows[PER_BATCH]
+    order = training_order([len(r["input_ids"]) for r in rows[PER_BATCH]], False, batch, 1, seed)
+    collators = {layout: TrainBatchCollator(pad_id, pad_to_multiple_of=PAD_MULTIPLE.get(layout), fixed_layout=layout == FIXED)
+                 for layout in PAIRED_LAYOUTS}
+    model = build_model(shape, OURS, DTYPES[dtype])
+    model.train()
+    enable_checkpointing(model)
+    micro_batches = [order[first : first + batch] for first in range(0, samples, batch)]
+    fastest = {layout: [float("inf")] * len(micro_batches) for layout in PAIRED_LAYOUTS}
+    losses = {layout: [0.0] * len(micro_batches) for layout in PAIRED_LAYOUTS}
+
+    def micro_batch(layout: str, indices: list[int]) -> float:
+        inputs = collators[layout]([rows[layout][i] for i in indices])
+        inputs.pop(REAL_TOKENS_KEY)
+        loss = model(**inputs).loss
+        loss.backward()
+        return float(loss.detach())
+
+    micro_batch(PER_BATCH, order[samples : samples + batch])  # warm-up, on rows outside the timed ones
+    for _ in range(repeats):
+        for index, indices in enumerate(micro_batches):
+            shift = index % len(PAIRED_LAYOUTS)
+            for layout in PAIRED_LAYOUTS[shift:] + PAIRED_LAYOUTS[:shift]:
+                torch.manual_seed(seed + index)  # the same prefix-dropout mask for every layout of a micro-batch
+                start = time.perf_counter()
+                losses[layout][index] = micro_batch(layout, indices)
+                fastest[layout][index] = min(fastest[layout][index], time.perf_counter() - start)
+                model.zero_grad(set_to_none=True)
+    return {layout: {"seconds": round(sum(fastest[layout]), 3), "loss_sum": round(sum(losses[layout]), 4)}
+            for layout in PAIRED_LAYOUTS}
+
+
 def flop_ceilings(
     shapes: list[ModelShape], features: list[dict], fixed_width: int, settings: tuple, samples: int, seed: int
 ) -> list[dict]:
@@ -391,6 +439,36 @@ def flop_ceilings(
                 row["gflop_per_row_fixed"] = round(fixed_flops / len(order) / 1e9, 1)
                 row["gflop_per_row"] = round(flops / len(order) / 1e9, 1)
                 out.append(row)
+    return out
+
+
+def paired_padding(
+    args: argparse.Namespace, shape: ModelShape, settings: tuple, samples: int, tokenizer_dir: str, max_source: int,
+    max_target: int, ceilings: list[dict],
+) -> list[dict]:
+    """`--paired`: one child per batch size runs `paired_padding_case`; rows with the ratio to the fixed layout
+    and its FLOP ceiling. Empty without `--paired`."""
+    if not args.paired:
+        return []
+    out = []
+    for batch, accumulation in settings:
+        kwargs = {"shape": shape, "batch": batch, "samples": samples, "dtype": args.dtypes[0], "tokenizer_dir": tokenizer_dir,
+                  "max_source": max_source, "max_target": max_target, "seed": 0, "repeats": args.rounds}
+        result = run_isolated(paired_padding_case, kwargs, args.threads, args.timeout)
+        if "error" in result:
+            out.append({"batch": batch, "layout": "-", "error": result["error"]})
+            continue
+        for layout in PAIRED_LAYOUTS:
+            row = {"batch": batch, "layout": layout, **result[layout]}
+            row["samples_per_s"] = round(samples / row["seconds"], 4)
+            row["x_fixed_layout"] = round(result[FIXED]["seconds"] / row["seconds"], 3)
+            ceiling = next((c for c in ceilings if c["model"] == shape.name and c["layout"] == layout
+                            and c["batch x accumulation"] == f"{batch} x {accumulation}"), None)
+            if ceiling is not None:
+                row["flop_ceiling"] = ceiling["ceiling_benchmark_rows"]
+                row["share_of_ceiling"] = round(row["x_fixed_layout"] / row["flop_ceiling"], 3)
+            out.append(row)
+        print(f"  paired, batch {batch}: " + ", ".join(f"{r['layout']} {r['x_fixed_layout']}" for r in out[-3:]), flush=True)
     return out
 
 
@@ -437,6 +515,7 @@ def padding_main(args: argparse.Namespace) -> dict:
         if ceiling is not None and "x_fixed_layout" in row:
             row["flop_ceiling"] = ceiling["ceiling_benchmark_rows"]
             row["share_of_ceiling"] = round(row["x_fixed_layout"] / row["flop_ceiling"], 3)
+    paired_rows = paired_padding(args, shape, settings, samples, str(tokenizer_dir), max_source, max_target, ceilings)
     goals = {"1 x 16": 1.6, "8 x 1": 1.3}
     goal_rows = [
         {"batch x accumulation": r["batch x accumulation"], "per-batch / fixed": r.get("x_fixed_layout"),
@@ -452,6 +531,7 @@ def padding_main(args: argparse.Namespace) -> dict:
         "rows": rows,
         "goals": goal_rows,
         "flop_ceilings": ceilings,
+        "paired": paired_rows,
     }
     print(f"\n## Training samples/s: per-batch padding vs the fixed layout ({shape.name} model, {args.dtypes[0]}, "
           f"P-tuning v2 prefix {shape.prefix}, checkpointing on, {samples} ADGEN rows per configuration)\n")
@@ -461,6 +541,11 @@ def padding_main(args: argparse.Namespace) -> dict:
                           "loss_sum_equal", "seconds", "error"]))
     print()
     print(markdown(goal_rows, ["batch x accumulation", "per-batch / fixed", "goal", "met"]))
+    if paired_rows:
+        print(f"\n### Paired: the layouts back to back on each micro-batch in one process (sum of each micro-batch's "
+              f"fastest of {args.rounds} passes; forward + backward, no optimizer step)\n")
+        print(markdown(paired_rows, ["batch", "layout", "seconds", "samples_per_s", "x_fixed_layout", "flop_ceiling",
+                                     "share_of_ceiling", "loss_sum", "error"]))
     print(f"\n### FLOP ceiling of the ratio (fixed layout's matmul FLOPs over the layout's; {shape.name} and the real "
           f"ChatGLM2/3-6B shape, counted, not timed)\n")
     print(markdown(ceilings, ["model", "batch x accumulation", "layout", "ceiling_benchmark_rows", "ceiling_whole_file",
@@ -491,6 +576,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--padding", action="store_true",
                         help="measure per-batch padding against the fixed layout instead (see the module docstring)")
     parser.add_argument("--samples", type=int, default=16, help="--padding: timed training rows per configuration")
+    parser.add_argument("--paired", action="store_true",
+                        help="--padding: also time the same-row layouts back to back per micro-batch in one process "
+                             "(--rounds passes, the fastest per micro-batch)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="--padding: tokenizer folder (default: ChatGLM3's)")
     args = parser.parse_args(argv)
     if args.padding:

@@ -110,7 +110,7 @@ def test_bench_train_padding_quick(tmp_path, capsys):
     from scripts import bench_train
 
     output = tmp_path / "padding.json"
-    report = bench_train.main(["--padding", "--quick", "--threads", "1", "--output", str(output)])
+    report = bench_train.main(["--padding", "--paired", "--quick", "--threads", "1", "--output", str(output)])
     assert json.loads(output.read_text())["rows"] == report["rows"]
     rows = {(r["batch x accumulation"], r["layout"]): r for r in report["rows"]}
     assert all("error" not in r for r in rows.values()), rows
@@ -121,6 +121,11 @@ def test_bench_train_padding_quick(tmp_path, capsys):
         assert per_batch["flop_ceiling"] >= 1  # never more FLOPs than the fixed layout
         rounded = rows[(setting, bench_train.PER_BATCH_8)]
         assert rounded["loss_sum_equal"] is True and rounded["computed_tokens"] % 8 == 0
+    paired = {(r["batch"], r["layout"]): r for r in report["paired"]}
+    assert len(paired) == 2 * 3 and all("error" not in r for r in paired.values()), paired
+    for batch in (1, 2):  # no optimizer step in the paired child: every layout gives the same losses
+        assert paired[(batch, bench_train.PER_BATCH)]["loss_sum"] == pytest.approx(paired[(batch, bench_train.FIXED)]["loss_sum"], rel=1e-5)
+        assert paired[(batch, bench_train.PER_BATCH)]["x_fixed_layout"] > 0
     ceilings = {(c["model"], c["batch x accumulation"], c["layout"]) for c in report["flop_ceilings"]}
     assert len(ceilings) == 2 * 5 and ("chatglm2/3-6b", "2 x 1", bench_train.GROUPED) in ceilings
     out = capsys.readouterr().out
