@@ -35,8 +35,10 @@ and per-batch layouts the same rows (their loss sums agree), the length-grouped 
 ratios are of real (non-pad) tokens/s, which for the same rows is the samples/s ratio. Next to the
 measured ratios it prints their FLOP ceilings (`training_step_flops`, counted, not timed) for the
 benchmark's model and for the real ChatGLM2/3-6B shape, on the same rows and on the whole file.
+`--paired` also times the same-row layouts back to back on each micro-batch in one child
+(`paired_padding_case`): on a shared machine that ratio is far steadier than the one from separate children.
 
-    python -m scripts.bench_train --padding --threads 1
+    python -m scripts.bench_train --padding --paired --threads 1 --dtypes fp32 --rounds 2
 """
 
 from __future__ import annotations
