@@ -28,13 +28,17 @@ transformers 5.x) is reported with its error.
 P-tuning v2 and activation checkpointing (the recipe's training), fed the rows of
 data_samples/adgen_train.json as ChatGLM3 input-output features (the real ChatGLM3 tokenizer under
 $CHATGLM_TOKENIZERS_DIR): at batch 1 x accumulation 16 and at batch 8, training samples/s of the
-fixed layout, per-batch padding, and per-batch padding with transformers' length-grouped sampler
-(`--group_by_length`). Each configuration trains `--samples` rows of a seeded shuffle of the whole
-file, as the Trainer's sampler draws them, in a fresh child: the fixed and per-batch layouts the same
-rows (their loss sums agree), the length-grouped order other rows, so ratios are of real
-(non-pad) tokens/s, which for the same rows is the samples/s ratio.
+fixed layout, per-batch padding (also with `--pad_to_multiple_of 8`), and per-batch padding with
+transformers' length-grouped sampler (`--group_by_length`). Each configuration trains `--samples` rows
+of a seeded shuffle of the whole file, as the Trainer's sampler draws them, in a fresh child: the fixed
+and per-batch layouts the same rows (their loss sums agree), the length-grouped order other rows, so
+ratios are of real (non-pad) tokens/s, which for the same rows is the samples/s ratio. Next to the
+measured ratios it prints their FLOP ceilings (`training_step_flops`, counted, not timed) for the
+benchmark's model and for the real ChatGLM2/3-6B shape, on the same rows and on the whole file.
+`--paired` also times the same-row layouts back to back on each micro-batch in one child
+(`paired_padding_case`): on a shared machine that ratio is far steadier than the one from separate children.
 
-    python -m scripts.bench_train --padding --threads 1
+    python -m scripts.bench_train --padding --paired --threads 1 --dtypes fp32 --rounds 2
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from pathlib import Path
 
 import torch
 
+from chatglm_ptuning.constants import IGNORE_INDEX
 from scripts.bench_common import (
+    CHATGLM2_VOCAB,
     DTYPES,
     run_isolated,
     OURS,
@@ -132,6 +138,31 @@ def count_matmul_flops(step) -> int:
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()
     return counter.get_total_flops()
+
+
+# ChatGLM2-6B / ChatGLM3-6B (their config.json) with the recipe's prefix: for FLOP counts only, never built
+CHATGLM_6B = ModelShape("chatglm2/3-6b", hidden=4096, layers=28, heads=32, kv_heads=2, head_dim=128, ffn=13696,
+                        vocab=CHATGLM2_VOCAB, prefix=128)
+
+
+def training_step_flops(shape: ModelShape, batch: int, width: int, targets: int) -> int:
+    """Matmul FLOPs of one training micro-step of `padding_case` (P-tuning v2, frozen backbone, non-reentrant
+    activation checkpointing) on `batch` rows `width` tokens wide with `targets` labelled positions in all,
+    exactly as `count_matmul_flops` counts them (the tests compare the two on small models).
+
+    Per layer: the four linears forward; again in the recomputation, except dense_4h_to_h (the
+    recomputation stops once the tensors the backward saved are back, and the block's last product is
+    not needed for that); their input gradients (frozen weights: no weight gradient); attention of
+    `width` queries against prefix + `width` keys forward, recomputed and backward (twice the forward).
+    Then the fused head: logits and their gradient at the labelled positions only."""
+    h, d = shape.hidden, shape.head_dim
+    tokens = batch * width
+    qkv = 2 * tokens * h * (shape.heads + 2 * shape.kv_heads) * d
+    dense = 2 * tokens * shape.heads * d * h
+    h_to_4h, four_h_to_h = 2 * tokens * h * 2 * shape.ffn, 2 * tokens * shape.ffn * h
+    attention = 2 * batch * shape.heads * width * (shape.prefix + width) * (d + d)  # QK^T and PV
+    per_layer = 3 * (qkv + dense + h_to_4h) + 2 * four_h_to_h + 4 * attention
+    return shape.layers * per_layer + 2 * 2 * targets * h * shape.vocab
 
 
 def train_case(
@@ -241,7 +272,9 @@ def profile_step(shape: ModelShape, variant: str, dtype: str, batch: int, prompt
 # ---------------------------------------------------------------- per-batch padding vs fixed layout
 
 FIXED, PER_BATCH, GROUPED = "fixed layout", "per-batch padding", "per-batch + group_by_length"
-PAD_LAYOUTS = (FIXED, PER_BATCH, GROUPED)
+PER_BATCH_8 = "per-batch, --pad_to_multiple_of 8"
+PAD_LAYOUTS = (FIXED, PER_BATCH, PER_BATCH_8, GROUPED)
+PAD_MULTIPLE = {PER_BATCH_8: 8}  # the collator's pad_to_multiple_of per layout (None: the longest row)
 PAD_SETTINGS = ((1, 16), (8, 1))  # (batch, gradient accumulation): the recipe's, and batch 8
 ADGEN_TRAIN = REPO / "data_samples" / "adgen_train.json"
 
@@ -291,7 +324,7 @@ def padding_case(
     rows, pad_id = adgen_training_features(Path(tokenizer_dir), fixed, max_source, max_target)
     unpadded, _ = adgen_training_features(Path(tokenizer_dir), False, max_source, max_target) if fixed else (rows, pad_id)
     order = training_order([len(r["input_ids"]) for r in unpadded], layout == GROUPED, batch, accumulation, seed)
-    collate = TrainBatchCollator(pad_id, fixed_layout=fixed)
+    collate = TrainBatchCollator(pad_id, pad_to_multiple_of=PAD_MULTIPLE.get(layout), fixed_layout=fixed)
     model = build_model(shape, OURS, DTYPES[dtype])
     model.train()
     enable_checkpointing(model)
@@ -322,6 +355,123 @@ def padding_case(
         "computed_tokens": computed, "padding_share": round(1 - real / computed, 3),
         "loss_sum": round(sum(losses), 4), "mean_row_tokens": round(real / samples, 1),
     }
+
+
+PAIRED_LAYOUTS = (FIXED, PER_BATCH, PER_BATCH_8)  # the layouts that train the same rows
+
+
+def paired_padding_case(
+    shape: ModelShape, batch: int, samples: int, dtype: str, tokenizer_dir: str, max_source: int, max_target: int,
+    seed: int, repeats: int,
+) -> dict:
+    """Runs in a child: the layouts of PAIRED_LAYOUTS back to back on each micro-batch (forward + backward on
+    one model, no optimizer step, so every layout sees the same weights), `repeats` passes over the rows,
+    the layout order rotated per micro-batch. A layout's time is the sum over the micro-batches of its
+    fastest pass: a busy spell slows all layouts alike or is discarded."""
+    from chatglm_ptuning.collator import REAL_TOKENS_KEY, TrainBatchCollator
+
+    tokenizer = Path(tokenizer_dir)
+    rows = {FIXED: adgen_training_features(tokenizer, True, max_source, max_target)[0]}
+    rows[PER_BATCH], pad_id = adgen_training_features(tokenizer, False, max_source, max_target)
+    rows[PER_BATCH_8] = rows[PER_BATCH]
+    order = training_order([len(r["input_ids"]) for r in rows[PER_BATCH]], False, batch, 1, seed)
+    collators = {layout: TrainBatchCollator(pad_id, pad_to_multiple_of=PAD_MULTIPLE.get(layout), fixed_layout=layout == FIXED)
+                 for layout in PAIRED_LAYOUTS}
+    model = build_model(shape, OURS, DTYPES[dtype])
+    model.train()
+    enable_checkpointing(model)
+    micro_batches = [order[first : first + batch] for first in range(0, samples, batch)]
+    fastest = {layout: [float("inf")] * len(micro_batches) for layout in PAIRED_LAYOUTS}
+    losses = {layout: [0.0] * len(micro_batches) for layout in PAIRED_LAYOUTS}
+
+    def micro_batch(layout: str, indices: list[int]) -> float:
+        inputs = collators[layout]([rows[layout][i] for i in indices])
+        inputs.pop(REAL_TOKENS_KEY)
+        loss = model(**inputs).loss
+        loss.backward()
+        return float(loss.detach())
+
+    micro_batch(PER_BATCH, order[samples : samples + batch])  # warm-up, on rows outside the timed ones
+    for _ in range(repeats):
+        for index, indices in enumerate(micro_batches):
+            shift = index % len(PAIRED_LAYOUTS)
+            for layout in PAIRED_LAYOUTS[shift:] + PAIRED_LAYOUTS[:shift]:
+                torch.manual_seed(seed + index)  # the same prefix-dropout mask for every layout of a micro-batch
+                start = time.perf_counter()
+                losses[layout][index] = micro_batch(layout, indices)
+                fastest[layout][index] = min(fastest[layout][index], time.perf_counter() - start)
+                model.zero_grad(set_to_none=True)
+    return {layout: {"seconds": round(sum(fastest[layout]), 3), "loss_sum": round(sum(losses[layout]), 4)}
+            for layout in PAIRED_LAYOUTS}
+
+
+def flop_ceilings(
+    shapes: list[ModelShape], features: list[dict], fixed_width: int, settings: tuple, samples: int, seed: int
+) -> list[dict]:
+    """How fast each per-batch layout can be against the fixed layout if every FLOP costs the same: its real
+    tokens per matmul FLOP (`training_step_flops`) over the fixed layout's on the random order's rows (the
+    benchmark's reference, rows `fixed_width` wide), for the rows the benchmark trains (the first `samples`
+    of each order) and for the whole file. For the same rows (all but the length-grouped order, and the
+    whole file) that is the fixed layout's FLOPs over the layout's. features: the unpadded rows."""
+    lengths = [len(f["input_ids"]) for f in features]
+    targets = [sum(label != IGNORE_INDEX for label in f["labels"][1:]) for f in features]  # shifted labels
+
+    def tokens_and_flops(shape: ModelShape, indices: list[int], batch: int, multiple: int | None) -> tuple[int, int]:
+        tokens = flops = 0
+        for first in range(0, len(indices), batch):
+            rows = indices[first : first + batch]
+            width = fixed_width if multiple is None else -(-max(lengths[i] for i in rows) // multiple) * multiple
+            tokens += sum(lengths[i] for i in rows)
+            flops += training_step_flops(shape, len(rows), width, sum(targets[i] for i in rows))
+        return tokens, flops
+
+    out = []
+    for shape in shapes:
+        for batch, accumulation in settings:
+            random_order = training_order(lengths, False, batch, accumulation, seed)
+            for layout in PAD_LAYOUTS[1:]:
+                if layout == GROUPED and batch == 1:
+                    continue
+                order = training_order(lengths, True, batch, accumulation, seed) if layout == GROUPED else random_order
+                row = {"model": shape.name, "batch x accumulation": f"{batch} x {accumulation}", "layout": layout}
+                for label, count in (("benchmark_rows", samples), ("whole_file", len(order))):
+                    fixed_tokens, fixed_flops = tokens_and_flops(shape, random_order[:count], batch, None)
+                    tokens, flops = tokens_and_flops(shape, order[:count], batch, PAD_MULTIPLE.get(layout, 1))
+                    row[f"ceiling_{label}"] = round(tokens / flops * fixed_flops / fixed_tokens, 3)
+                row["gflop_per_row_fixed"] = round(fixed_flops / len(order) / 1e9, 1)
+                row["gflop_per_row"] = round(flops / len(order) / 1e9, 1)
+                out.append(row)
+    return out
+
+
+def paired_padding(
+    args: argparse.Namespace, shape: ModelShape, settings: tuple, samples: int, tokenizer_dir: str, max_source: int,
+    max_target: int, ceilings: list[dict],
+) -> list[dict]:
+    """`--paired`: one child per batch size runs `paired_padding_case`; rows with the ratio to the fixed layout
+    and its FLOP ceiling. Empty without `--paired`."""
+    if not args.paired:
+        return []
+    out = []
+    for batch, accumulation in settings:
+        kwargs = {"shape": shape, "batch": batch, "samples": samples, "dtype": args.dtypes[0], "tokenizer_dir": tokenizer_dir,
+                  "max_source": max_source, "max_target": max_target, "seed": 0, "repeats": args.rounds}
+        result = run_isolated(paired_padding_case, kwargs, args.threads, args.timeout)
+        if "error" in result:
+            out.append({"batch": batch, "layout": "-", "error": result["error"]})
+            continue
+        for layout in PAIRED_LAYOUTS:
+            row = {"batch": batch, "layout": layout, **result[layout]}
+            row["samples_per_s"] = round(samples / row["seconds"], 4)
+            row["x_fixed_layout"] = round(result[FIXED]["seconds"] / row["seconds"], 3)
+            ceiling = next((c for c in ceilings if c["model"] == shape.name and c["layout"] == layout
+                            and c["batch x accumulation"] == f"{batch} x {accumulation}"), None)
+            if ceiling is not None:
+                row["flop_ceiling"] = ceiling["ceiling_benchmark_rows"]
+                row["share_of_ceiling"] = round(row["x_fixed_layout"] / row["flop_ceiling"], 3)
+            out.append(row)
+        print(f"  paired, batch {batch}: " + ", ".join(f"{r['layout']} {r['x_fixed_layout']}" for r in out[-3:]), flush=True)
+    return out
 
 
 def padding_main(args: argparse.Namespace) -> dict:
@@ -356,7 +506,18 @@ def padding_main(args: argparse.Namespace) -> dict:
         if "error" not in row and "error" not in fixed:
             # real tokens/s: the length-grouped order trains other rows than the random one (equal for the others)
             row["x_fixed_layout"] = round(row["real_tokens_per_s"] / fixed["real_tokens_per_s"], 3)
-            row["loss_sum_equal"] = abs(row["loss_sum"] - fixed["loss_sum"]) < 1e-3 if row["layout"] == PER_BATCH else None
+            same_rows = row["layout"] in (PER_BATCH, PER_BATCH_8)
+            row["loss_sum_equal"] = abs(row["loss_sum"] - fixed["loss_sum"]) < 1e-3 if same_rows else None
+    features, _ = adgen_training_features(Path(tokenizer_dir), False, max_source, max_target)
+    fixed_width = len(adgen_training_features(Path(tokenizer_dir), True, max_source, max_target)[0][0]["input_ids"])
+    ceilings = flop_ceilings([shape, CHATGLM_6B], features, fixed_width, settings, samples, seed=0)
+    for row in rows:
+        ceiling = next((c for c in ceilings if c["model"] == shape.name and c["layout"] == row["layout"]
+                        and c["batch x accumulation"] == row["batch x accumulation"]), None)
+        if ceiling is not None and "x_fixed_layout" in row:
+            row["flop_ceiling"] = ceiling["ceiling_benchmark_rows"]
+            row["share_of_ceiling"] = round(row["x_fixed_layout"] / row["flop_ceiling"], 3)
+    paired_rows = paired_padding(args, shape, settings, samples, str(tokenizer_dir), max_source, max_target, ceilings)
     goals = {"1 x 16": 1.6, "8 x 1": 1.3}
     goal_rows = [
         {"batch x accumulation": r["batch x accumulation"], "per-batch / fixed": r.get("x_fixed_layout"),
@@ -371,14 +532,26 @@ def padding_main(args: argparse.Namespace) -> dict:
                      "tokenizer": str(tokenizer_dir), "data": str(ADGEN_TRAIN.relative_to(REPO))},
         "rows": rows,
         "goals": goal_rows,
+        "flop_ceilings": ceilings,
+        "paired": paired_rows,
     }
     print(f"\n## Training samples/s: per-batch padding vs the fixed layout ({shape.name} model, {args.dtypes[0]}, "
           f"P-tuning v2 prefix {shape.prefix}, checkpointing on, {samples} ADGEN rows per configuration)\n")
     print(machine_line(info))
     print(markdown(rows, ["batch x accumulation", "layout", "samples_per_s", "real_tokens_per_s", "x_fixed_layout", "mean_row_tokens",
-                          "padding_share", "computed_tokens", "loss_sum", "loss_sum_equal", "seconds", "error"]))
+                          "flop_ceiling", "share_of_ceiling", "padding_share", "computed_tokens", "loss_sum",
+                          "loss_sum_equal", "seconds", "error"]))
     print()
     print(markdown(goal_rows, ["batch x accumulation", "per-batch / fixed", "goal", "met"]))
+    if paired_rows:
+        print(f"\n### Paired: the layouts back to back on each micro-batch in one process (sum of each micro-batch's "
+              f"fastest of {args.rounds} passes; forward + backward, no optimizer step)\n")
+        print(markdown(paired_rows, ["batch", "layout", "seconds", "samples_per_s", "x_fixed_layout", "flop_ceiling",
+                                     "share_of_ceiling", "loss_sum", "error"]))
+    print(f"\n### FLOP ceiling of the ratio (fixed layout's matmul FLOPs over the layout's; {shape.name} and the real "
+          f"ChatGLM2/3-6B shape, counted, not timed)\n")
+    print(markdown(ceilings, ["model", "batch x accumulation", "layout", "ceiling_benchmark_rows", "ceiling_whole_file",
+                              "gflop_per_row_fixed", "gflop_per_row"]))
     output = args.output if args.output != REPO / "benchmarks" / "bench_train.json" else REPO / "benchmarks" / "bench_train_padding.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
@@ -405,6 +578,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--padding", action="store_true",
                         help="measure per-batch padding against the fixed layout instead (see the module docstring)")
     parser.add_argument("--samples", type=int, default=16, help="--padding: timed training rows per configuration")
+    parser.add_argument("--paired", action="store_true",
+                        help="--padding: also time the same-row layouts back to back per micro-batch in one process "
+                             "(--rounds passes, the fastest per micro-batch)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="--padding: tokenizer folder (default: ChatGLM3's)")
     args = parser.parse_args(argv)
     if args.padding:

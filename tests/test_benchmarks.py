@@ -140,7 +140,7 @@ def test_bench_train_padding_quick(tmp_path, capsys):
     from scripts import bench_train
 
     output = tmp_path / "padding.json"
-    report = bench_train.main(["--padding", "--quick", "--threads", "1", "--output", str(output)])
+    report = bench_train.main(["--padding", "--paired", "--quick", "--threads", "1", "--output", str(output)])
     assert json.loads(output.read_text())["rows"] == report["rows"]
     rows = {(r["batch x accumulation"], r["layout"]): r for r in report["rows"]}
     assert all("error" not in r for r in rows.values()), rows
@@ -148,7 +148,51 @@ def test_bench_train_padding_quick(tmp_path, capsys):
         fixed, per_batch = rows[(setting, bench_train.FIXED)], rows[(setting, bench_train.PER_BATCH)]
         assert per_batch["loss_sum_equal"] is True and per_batch["real_tokens"] == fixed["real_tokens"]
         assert per_batch["computed_tokens"] < fixed["computed_tokens"] and per_batch["x_fixed_layout"] > 0
-    assert "per-batch padding vs the fixed layout" in capsys.readouterr().out
+        assert per_batch["flop_ceiling"] >= 1  # never more FLOPs than the fixed layout
+        rounded = rows[(setting, bench_train.PER_BATCH_8)]
+        assert rounded["loss_sum_equal"] is True and rounded["computed_tokens"] % 8 == 0
+    paired = {(r["batch"], r["layout"]): r for r in report["paired"]}
+    assert len(paired) == 2 * 3 and all("error" not in r for r in paired.values()), paired
+    for batch in (1, 2):  # no optimizer step in the paired child: every layout gives the same losses
+        assert paired[(batch, bench_train.PER_BATCH)]["loss_sum"] == pytest.approx(paired[(batch, bench_train.FIXED)]["loss_sum"], rel=1e-5)
+        assert paired[(batch, bench_train.PER_BATCH)]["x_fixed_layout"] > 0
+    ceilings = {(c["model"], c["batch x accumulation"], c["layout"]) for c in report["flop_ceilings"]}
+    assert len(ceilings) == 2 * 5 and ("chatglm2/3-6b", "2 x 1", bench_train.GROUPED) in ceilings
+    out = capsys.readouterr().out
+    assert "per-batch padding vs the fixed layout" in out and "FLOP ceiling" in out
+
+
+def test_flop_ceiling_sums_the_micro_batches():
+    """Two rows of 4 and 7 tokens against a fixed width of 10: batch 1 pads neither, batch 2 pads both to 7
+    (8 with --pad_to_multiple_of 8); the labelled targets (shifted labels) are the same in every layout."""
+    from scripts.bench_common import SHAPES
+    from scripts.bench_train import PER_BATCH, PER_BATCH_8, flop_ceilings, training_step_flops
+
+    features = [{"input_ids": [5] * 4, "labels": [-100, -100, 7, 8]}, {"input_ids": [5] * 7, "labels": [-100] * 4 + [7] * 3}]
+    shape = SHAPES["quick"]
+    flops = lambda batch, width, targets: training_step_flops(shape, batch, width, targets)  # noqa: E731
+    rows = {(r["batch x accumulation"], r["layout"]): r for r in flop_ceilings([shape], features, 10, ((1, 2), (2, 1)), 2, 0)}
+    one = (flops(1, 10, 2) + flops(1, 10, 3)) / (flops(1, 4, 2) + flops(1, 7, 3))
+    assert rows[("1 x 2", PER_BATCH)]["ceiling_benchmark_rows"] == round(one, 3)
+    assert rows[("2 x 1", PER_BATCH)]["ceiling_whole_file"] == round(flops(2, 10, 5) / flops(2, 7, 5), 3)
+    assert rows[("2 x 1", PER_BATCH_8)]["ceiling_whole_file"] == round(flops(2, 10, 5) / flops(2, 8, 5), 3)
+
+
+@pytest.mark.parametrize(("batch", "width", "labelled"), [(1, 12, 5), (3, 9, 4)])
+def test_training_step_flops_match_the_counted_step(batch, width, labelled):
+    """The analytic count (used for the 6B ceiling) equals what the counter sees in padding_case's micro-step."""
+    from scripts.bench_common import SHAPES, build_model, enable_checkpointing
+    from scripts.bench_train import training_step_flops
+
+    shape = SHAPES["quick"]
+    model = build_model(shape, OURS, torch.float32)
+    model.train()
+    enable_checkpointing(model)
+    ids = torch.randint(3, shape.vocab, (batch, width), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, width - labelled - 1 : width - 1] = ids[:, width - labelled - 1 : width - 1]  # `labelled` targets a row
+    counted = count_matmul_flops(lambda: model(input_ids=ids, labels=labels).loss.backward())
+    assert counted == training_step_flops(shape, batch, width, batch * labelled)
 
 
 def test_device_check_passes_on_the_cpu_and_refuses_a_missing_device(tmp_path, capsys):
