@@ -5,9 +5,9 @@ transformers' `generate()` runs a batch until its last row is done: a row that h
 row of work at every later step, and the batch holds fewer useful rows as it goes. `generate_rows`
 calls `generate()` in rounds on one cache: a round ends at the step where any row finishes; that
 row's tokens are kept and it leaves the batch (token ids, attention mask and cache rows), and the
-next waiting rows take its place: their prompts run through the model on their own (one forward,
-which also makes their first token), then their cache rows are left-padded to the batch's width
-and appended. Leading columns that are padding in every row are cut off. A row's positions come
+next waiting rows take its place: their prompts run through the model ahead, as many rows per
+forward as the batch holds (which also makes their first token), and when a place frees, a ready
+row's cache rows are left-padded to the batch's width and appended. Leading columns that are padding in every row are cut off. A row's positions come
 from its padding mask, so it sees the computation it would see alone: greedy output is the same
 as batch size 1 (and as one `generate()` call per batch).
 
@@ -125,16 +125,19 @@ def generate_rows(
     settings = {k: v for k, v in settings.items() if k != "pad_token_id"}
     run = _Round(model, pad_token_id, _eos_ids(model, settings, device), budgets, settings)
     waiting = (budgets > 0).nonzero().flatten()
-    generating: _Generating | None = None
-    while waiting.numel() or generating is not None:
-        room = max_rows - (0 if generating is None else generating.rows.numel())
-        if waiting.numel() and room:
-            joining = _starting(waiting[:room], input_ids, attention_mask)
-            waiting = waiting[room:]
-            # the prompts' forward and first token; rows done already leave room for more
-            generating = run.merge(generating, run.finish_rows(run(joining, max_steps=1), new_tokens))
-            continue
-        generating = run.finish_rows(run(generating), new_tokens)
+    generating: _Generating | None = None  # the rows of the running batch
+    ready: _Generating | None = None  # rows whose prompt has run, waiting for a place
+    while waiting.numel() or generating is not None or ready is not None:
+        room = max_rows - _count(generating)
+        if room and ready is None and waiting.numel():
+            # prompts run max_rows at a time (a forward costs nearly as much for one row as for several);
+            # the rows done at their first token are finished here, the others wait for places
+            ready = run.finish_rows(run(_starting(waiting[:max_rows], input_ids, attention_mask), max_steps=1), new_tokens)
+            waiting = waiting[max_rows:]
+        elif room and ready is not None:
+            generating, ready = run.merge(generating, ready, min(room, _count(ready)))
+        else:
+            generating = run.finish_rows(run(generating), new_tokens)
     return new_tokens
 
 
@@ -171,19 +174,23 @@ class _Round:
             return None
         return self._trimmed(rows.select((~done).nonzero().flatten()))
 
-    def merge(self, rows: _Generating | None, joining: _Generating | None) -> _Generating | None:
-        """Both sets of rows as one batch: the narrower left-padded (ids, mask and cache) to the wider."""
-        if rows is None or joining is None:
-            return rows if joining is None else joining
-        width = max(rows.ids.shape[1], joining.ids.shape[1])
-        rows, joining = self._widened(rows, width), self._widened(joining, width)
-        for layer, other in zip(rows.cache.layers, joining.cache.layers, strict=True):
+    def merge(self, rows: _Generating | None, ready: _Generating, count: int) -> tuple[_Generating, _Generating | None]:
+        """The running rows and the first `count` ready rows as one batch (the narrower left-padded: ids,
+        mask and cache), and the ready rows left (None if none)."""
+        if rows is None:  # every place is free
+            assert count == _count(ready)
+            return ready, None
+        width = max(rows.ids.shape[1], ready.ids.shape[1])
+        rows, ready = self._widened(rows, width), self._widened(ready, width)
+        for layer, other in zip(rows.cache.layers, ready.cache.layers, strict=True):
             _check_layer(layer)
-            layer.keys = torch.cat((layer.keys, other.keys))
-            layer.values = torch.cat((layer.values, other.values))
-        return _Generating(*(torch.cat(pair) for pair in (
-            (rows.rows, joining.rows), (rows.ids, joining.ids), (rows.mask, joining.mask), (rows.made, joining.made)
+            layer.keys = torch.cat((layer.keys, other.keys[:count]))
+            layer.values = torch.cat((layer.values, other.values[:count]))
+        joined = _Generating(*(torch.cat((mine, theirs[:count])) for mine, theirs in (
+            (rows.rows, ready.rows), (rows.ids, ready.ids), (rows.mask, ready.mask), (rows.made, ready.made)
         )), rows.cache)
+        rest = ready.select(torch.arange(count, _count(ready), device=ready.rows.device)) if count < _count(ready) else None
+        return self._trimmed(joined), rest
 
     def _widened(self, rows: _Generating, width: int) -> _Generating:
         extra = width - rows.ids.shape[1]
@@ -205,6 +212,10 @@ class _Round:
             _check_layer(layer)
             layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
         return _Generating(rows.rows, rows.ids[:, unused:], rows.mask[:, unused:], rows.made, rows.cache)
+
+
+def _count(rows: _Generating | None) -> int:
+    return 0 if rows is None else rows.rows.numel()
 
 
 def _check_layer(layer: Any) -> None:
