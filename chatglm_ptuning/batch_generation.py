@@ -1,21 +1,23 @@
 """Batched generation in which each row has its own budget and finished rows make room for others.
 
-transformers' `generate()` runs a batch until its last row is done: a row that has produced EOS
-(or, in evaluation, used up its own budget of new tokens) is fed pad tokens and still costs a full
-row of work at every later step, and the batch holds fewer useful rows as it goes. `generate_rows`
-calls `generate()` in rounds on one cache: a round ends at the step where any row finishes; that
-row's tokens are kept and it leaves the batch (token ids, attention mask and cache rows), and the
-next waiting rows take its place: their prompts run through the model ahead, as many rows per
-forward as the batch holds (which also makes their first token), and when a place frees, a ready
-row's cache rows are left-padded to the batch's width and appended. Leading columns that are padding in every row are cut off. A row's positions come
-from its padding mask, so it sees the computation it would see alone: greedy output is the same
-as batch size 1 (and as one `generate()` call per batch).
+transformers' `generate()`, which the reference recipe runs once per evaluation batch (ChatGLM2-6B
+ptuning/main.py through Seq2SeqTrainer.prediction_step), runs a batch until its last row is done: a row that has produced EOS (or,
+in evaluation, used up its own budget of new tokens) is fed pad tokens and still costs a full row of
+work at every later step, and the batch holds fewer useful rows as it goes. `generate_rows` calls
+`generate()` in rounds on one cache: a round ends at the step where any row finishes; that row's
+tokens are kept and it leaves the batch (token ids, attention mask and cache rows), and the next
+waiting rows take its place: their prompts run through the model ahead, as many rows per forward as
+the batch holds (which also makes their first token), and when a place frees, a ready row's cache
+rows are left-padded to the batch's width and appended. Leading columns that are padding in every
+row are cut off. A row's positions come from its padding mask, so it sees the computation it would
+see alone: greedy output is the same as batch size 1 (and as one `generate()` call per batch).
 
-Rounds need every per-step setting of generate() to depend only on the tokens so far (not on
-where a call started); settings outside `ROUND_SAFE_SETTINGS`, beam search, several sequences
-per row, virtual input tokens (see `can_drop_finished_rows`) and ZeRO-3's synced generation (every rank must run the same number of forwards) fall
-back to one `generate()` call per group of rows, whose tokens beyond each row's budget are
-replaced by pad. Rows join and leave a `DynamicCache` by editing its layers' key/value tensors.
+Rounds need every per-step setting of generate() to depend only on the tokens so far (not on where a
+call started); settings outside `ROUND_SAFE_SETTINGS`, beam search, several sequences per row,
+virtual input tokens (see `can_drop_finished_rows`) and ZeRO-3's synced generation (every rank must
+run the same number of forwards) fall back to one `generate()` call per group of rows, whose tokens
+beyond each row's budget are replaced by pad. Rows join and leave a `DynamicCache` by editing its
+layers' key/value tensors.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def generate_rows(
         if room and ready is None and waiting.numel():
             # prompts run max_rows at a time (a forward costs nearly as much for one row as for several);
             # the rows done at their first token are finished here, the others wait for places
-            ready = run.finish_rows(run(_starting(waiting[:max_rows], input_ids, attention_mask), max_steps=1), new_tokens)
+            prompts = _starting(waiting[:max_rows], input_ids, attention_mask)
+            ready = run.finish_rows(run(prompts, max_steps=1), new_tokens)
             waiting = waiting[max_rows:]
         elif room and ready is not None:
             generating, ready = run.merge(generating, ready, min(room, _count(ready)))
@@ -198,7 +201,7 @@ class _Round:
             return rows
         for layer in rows.cache.layers:
             _check_layer(layer)
-            layer.keys, layer.values = (torch.cat((t.new_zeros(*t.shape[:2], extra, t.shape[3]), t), dim=2) for t in (layer.keys, layer.values))
+            layer.keys, layer.values = (_left_padded(t, extra) for t in (layer.keys, layer.values))
         ids = torch.cat((rows.ids.new_full((rows.ids.shape[0], extra), self.pad_id), rows.ids), dim=1)
         mask = torch.cat((rows.mask.new_zeros(rows.mask.shape[0], extra), rows.mask), dim=1)
         return _Generating(rows.rows, ids, mask, rows.made, rows.cache)
@@ -212,6 +215,11 @@ class _Round:
             _check_layer(layer)
             layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
         return _Generating(rows.rows, rows.ids[:, unused:], rows.mask[:, unused:], rows.made, rows.cache)
+
+
+def _left_padded(states: torch.Tensor, columns: int) -> torch.Tensor:
+    """Cached keys or values [b, heads, seq, D] with `columns` zero columns in front (masked as padding)."""
+    return torch.cat((states.new_zeros(*states.shape[:2], columns, states.shape[3]), states), dim=2)
 
 
 def _count(rows: _Generating | None) -> int:

@@ -142,7 +142,9 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
                     drop_finished_rows=generating == ROWS_LEAVE,
                 )
                 rows_per_forward: list[int] = []
-                hook = model.register_forward_pre_hook(lambda m, a, k: rows_per_forward.append(len(k["input_ids"])), with_kwargs=True)
+                hook = model.register_forward_pre_hook(
+                    lambda module, args, kwargs: rows_per_forward.append(len(kwargs["input_ids"])), with_kwargs=True
+                )
                 start = time.perf_counter()
                 output = trainer.predict(dataset)
                 seconds[config] = min(seconds.get(config, float("inf")), time.perf_counter() - start)
@@ -156,7 +158,8 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
         generated = int(((predictions[config] != tokenizer.pad_token_id) & (predictions[config] != -100)).sum())
         rows.append({
             "model": label, "parameters": params, "batch_size": batch_size, "order": order, "generation": generating,
-            "samples": len(dataset), "generated_tokens": generated, "forwards": forwards[config][0], "row_forwards": forwards[config][1],
+            "samples": len(dataset), "generated_tokens": generated,
+            "forwards": forwards[config][0], "row_forwards": forwards[config][1],
             "seconds": round(seconds[config], 3), "samples_per_s": round(len(dataset) / seconds[config], 3),
             "generated_tokens_per_s": round(generated / seconds[config], 1),
             "predictions_equal_batch_1": bool(torch.equal(predictions[config], baseline)),
@@ -164,8 +167,9 @@ def bench_generation(model_dir: Path, label: str, configs, samples: int, max_new
     base = rows[0]["samples_per_s"]
     for row in rows:
         row["ratio_vs_batch_1"] = round(row["samples_per_s"] / base, 2)
-        same_batch = [r for r in rows if r["batch_size"] == row["batch_size"] and (r["order"], r["generation"]) == (FILE_ORDER, ONE_CALL)]
-        row["ratio_vs_file_order_one_call"] = round(row["samples_per_s"] / same_batch[0]["samples_per_s"], 2) if same_batch else None
+        same_batch = [r["samples_per_s"] for r in rows
+                      if r["batch_size"] == row["batch_size"] and (r["order"], r["generation"]) == (FILE_ORDER, ONE_CALL)]
+        row["ratio_vs_file_order_one_call"] = round(row["samples_per_s"] / same_batch[0], 2) if same_batch else None
     return rows
 
 

@@ -79,7 +79,8 @@ def test_rows_leave_the_batch_and_equal_batch_size_1(model_with_prefix):
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     lengths = []
     for i, row in enumerate(rows):
-        alone = generate_rows(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), budgets[i : i + 1], pad, **settings)
+        alone = generate_rows(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), budgets[i : i + 1], pad,
+                              **settings)
         assert batched[i, : alone.shape[1]].tolist() == alone[0].tolist(), f"row {i} differs from batch size 1"
         assert (batched[i, alone.shape[1] :] == pad).all()
         made = alone[0].tolist()
@@ -110,7 +111,8 @@ def test_waiting_rows_take_the_places_of_finished_ones(family, method, tiny_glm2
     pad = tokenizer.pad_token_id
     made = 0
     for i, row in enumerate(rows):
-        alone = generate_rows(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), budgets[i : i + 1], pad, **settings)
+        alone = generate_rows(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), budgets[i : i + 1], pad,
+                              **settings)
         assert pooled[i, : alone.shape[1]].tolist() == alone[0].tolist(), f"row {i} differs from batch size 1"
         assert (pooled[i, alone.shape[1] :] == pad).all()
         made += int((alone[0] != pad).sum())
@@ -127,7 +129,8 @@ def test_equals_one_generate_call_masked_to_the_budgets(model_with_prefix):
     budgets = torch.tensor([9, 3, 0, 7, 9])
     pad = tokenizer.pad_token_id
     dropped = generate_rows(model, ids, mask, budgets, pad, do_sample=False)
-    one_call = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=pad)[:, ids.shape[1] :]
+    one_call = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=pad)
+    one_call = one_call[:, ids.shape[1] :]
     expected = one_call.masked_fill(torch.arange(9)[None, :] >= budgets[:, None], pad)
     assert torch.equal(dropped, expected)
     assert (dropped[2] == pad).all()  # a row without budget makes nothing
@@ -170,7 +173,8 @@ def test_trainer_predict_refills_the_batch_and_keeps_the_predictions(tmp_path, t
 
     model, tokenizer = _load(tiny_glm2_dir, "ptuning_v2")
     dev = str(REPO_ROOT / "data_samples" / "adgen_dev.json")
-    args = DataTrainingArguments(test_file=dev, prompt_column="content", response_column="summary", max_source_length=48, max_target_length=16)
+    args = DataTrainingArguments(test_file=dev, prompt_column="content", response_column="summary",
+                                 max_source_length=48, max_target_length=16)
     dataset = load_rows(dev, args).to_dataset().select(range(9))
     dataset = dataset.map(build_preprocess_function(tokenizer, args, train=False), batched=True, batch_size=1,
                           remove_columns=dataset.column_names).select_columns(["input_ids", "labels"])
@@ -182,7 +186,8 @@ def test_trainer_predict_refills_the_batch_and_keeps_the_predictions(tmp_path, t
         collator = PromptBatchCollator(tokenizer)
         trainer = PromptTrainer(
             model=model, args=training_args, processing_class=tokenizer, data_collator=collator, eval_collator=collator,
-            generation_kwargs={"do_sample": False, "max_length": 48 + 16, "logits_processor": processors}, drop_finished_rows=refill,
+            generation_kwargs={"do_sample": False, "max_length": 48 + 16, "logits_processor": processors},
+            drop_finished_rows=refill,
         )
         batches = [len(batch["input_ids"]) for batch in trainer.get_test_dataloader(dataset)]
         assert batches == ([9] if refill and GENERATION_POOL_BATCHES * 2 >= 9 else [2, 2, 2, 2, 1])
