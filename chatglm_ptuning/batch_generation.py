@@ -1,16 +1,17 @@
 """Batched generation in which each row has its own budget and finished rows make room for others.
 
 transformers' `generate()`, which the reference recipe runs once per evaluation batch (ChatGLM2-6B
-ptuning/main.py through Seq2SeqTrainer.prediction_step), runs a batch until its last row is done: a row that has produced EOS (or,
-in evaluation, used up its own budget of new tokens) is fed pad tokens and still costs a full row of
-work at every later step, and the batch holds fewer useful rows as it goes. `generate_rows` calls
-`generate()` in rounds on one cache: a round ends at the step where any row finishes; that row's
-tokens are kept and it leaves the batch (token ids, attention mask and cache rows), and the next
-waiting rows take its place: their prompts run through the model ahead, as many rows per forward as
-the batch holds (which also makes their first token), and when a place frees, a ready row's cache
-rows are left-padded to the batch's width and appended. Leading columns that are padding in every
-row are cut off. A row's positions come from its padding mask, so it sees the computation it would
-see alone: greedy output is the same as batch size 1 (and as one `generate()` call per batch).
+ptuning/main.py through Seq2SeqTrainer.prediction_step), runs a batch until its last row is done: a
+row that has produced EOS (or, in evaluation, used up its own budget of new tokens) is fed pad
+tokens and still costs a full row of work at every later step, and the batch holds fewer useful rows
+as it goes. `generate_rows` calls `generate()` in rounds on one cache: a round ends at the step
+where any row finishes; that row's tokens are kept and it leaves the batch (token ids, attention
+mask and cache rows), and the next waiting rows take its place: their prompts run through the model
+ahead, as many rows per forward as the batch holds (which also makes their first token), and when a
+place frees, a ready row's cache rows are left-padded to the batch's width and appended. Leading
+columns that are padding in every row are cut off. A row's positions come from its padding mask, so
+it sees the computation it would see alone: greedy output is the same as batch size 1 (and as one
+`generate()` call per batch).
 
 Rounds need every per-step setting of generate() to depend only on the tokens so far (not on where a
 call started); settings outside `ROUND_SAFE_SETTINGS`, beam search, several sequences per row,
