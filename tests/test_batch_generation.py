@@ -164,31 +164,18 @@ def test_settings_that_cannot_run_in_rounds(model_with_prefix):
 def test_trainer_predict_refills_the_batch_and_keeps_the_predictions(tmp_path, tiny_glm2_dir):
     """PromptTrainer.predict: eval batch 2, rows finishing at their own EOS; the same predictions with
     and without refilling, never more than 2 rows per forward, and fewer row-forwards with it."""
-    from official_layout import REPO_ROOT
+    from eval_rows import adgen_eval_rows, predicting_trainer
 
-    from chatglm_ptuning.arguments import DataTrainingArguments, TrainingArguments
-    from chatglm_ptuning.collator import PromptBatchCollator
-    from chatglm_ptuning.data import build_preprocess_function, load_rows
-    from chatglm_ptuning.trainer import GENERATION_POOL_BATCHES, PromptTrainer
+    from chatglm_ptuning.trainer import GENERATION_POOL_BATCHES
 
     model, tokenizer = _load(tiny_glm2_dir, "ptuning_v2")
-    dev = str(REPO_ROOT / "data_samples" / "adgen_dev.json")
-    args = DataTrainingArguments(test_file=dev, prompt_column="content", response_column="summary",
-                                 max_source_length=48, max_target_length=16)
-    dataset = load_rows(dev, args).to_dataset().select(range(9))
-    dataset = dataset.map(build_preprocess_function(tokenizer, args, train=False), batched=True, batch_size=1,
-                          remove_columns=dataset.column_names).select_columns(["input_ids", "labels"])
+    dataset = adgen_eval_rows(tokenizer, 9, 48, 16)
     processors = LogitsProcessorList([EndAfterTokenMultipleOf(4, tokenizer.eos_token_id)])
     results = {}
     for refill in (True, False):
-        training_args = TrainingArguments(output_dir=str(tmp_path / str(refill)), per_device_eval_batch_size=2,
-                                          predict_with_generate=True, report_to=[], use_cpu=True, disable_tqdm=True)
-        collator = PromptBatchCollator(tokenizer)
-        trainer = PromptTrainer(
-            model=model, args=training_args, processing_class=tokenizer, data_collator=collator, eval_collator=collator,
-            generation_kwargs={"do_sample": False, "max_length": 48 + 16, "logits_processor": processors},
-            drop_finished_rows=refill,
-        )
+        trainer = predicting_trainer(model, tokenizer, tmp_path / str(refill), 2,
+                                     {"do_sample": False, "max_length": 48 + 16, "logits_processor": processors},
+                                     drop_finished_rows=refill)
         batches = [len(batch["input_ids"]) for batch in trainer.get_test_dataloader(dataset)]
         assert batches == ([9] if refill and GENERATION_POOL_BATCHES * 2 >= 9 else [2, 2, 2, 2, 1])
         assert trainer.args.per_device_eval_batch_size == 2

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_rows import adgen_eval_rows, predicting_trainer
 from official_layout import REPO_ROOT, tokenizers_dir, write_tiny_checkpoint
 from safetensors.torch import load_file
 
 from chatglm_ptuning.arguments import DataTrainingArguments
-from chatglm_ptuning.collator import REAL_TOKENS_KEY, PromptBatchCollator, TrainBatchCollator, real_length
-from chatglm_ptuning.data import build_preprocess_function, load_rows, preprocess_train, train_label_pad_id
+from chatglm_ptuning.collator import PROMPT_LENGTH_KEY, REAL_TOKENS_KEY, TrainBatchCollator, real_length
+from chatglm_ptuning.data import load_rows, preprocess_train, train_label_pad_id
 from chatglm_ptuning.loading import load_model
 from chatglm_ptuning.train import main
 
@@ -208,31 +209,19 @@ def _run_epoch(model_dir: Path, out: Path, extra: list[str]) -> dict:
 
 
 def test_length_sorted_prediction_is_in_file_order_and_equals_unsorted(tmp_path, tiny_glm2_dir):
-    from chatglm_ptuning.arguments import TrainingArguments
     from chatglm_ptuning.metrics import build_trainer_metrics
-    from chatglm_ptuning.trainer import PromptTrainer
 
     model, tokenizer = load_model(tiny_glm2_dir, device="cpu", dtype=torch.float32)
-    args = DataTrainingArguments(test_file=ADGEN_DEV, prompt_column="content", response_column="summary",
-                                 max_source_length=48, max_target_length=8)
-    dataset = load_rows(ADGEN_DEV, args).to_dataset().select(range(7))
-    dataset = dataset.map(build_preprocess_function(tokenizer, args, train=False), batched=True, batch_size=1,
-                          remove_columns=dataset.column_names).select_columns(["input_ids", "labels"])
+    dataset = adgen_eval_rows(tokenizer, 7, 48, 8)
     lengths = [len(ids) for ids in dataset["input_ids"]]
     assert len(set(lengths)) > 2
     outputs = {}
     for sort in (True, False):
-        training_args = TrainingArguments(output_dir=str(tmp_path / str(sort)), per_device_eval_batch_size=3,
-                                          predict_with_generate=True, report_to=[], use_cpu=True, disable_tqdm=True)
-        collator = PromptBatchCollator(tokenizer)
-        trainer = PromptTrainer(
-            model=model, args=training_args, processing_class=tokenizer, data_collator=collator, eval_collator=collator,
-            generation_kwargs={"do_sample": False, "max_length": 48 + 8}, sort_eval_by_length=sort,
-            compute_metrics=build_trainer_metrics(tokenizer, True),
-        )
-        if sort:  # batches hold the longest prompts first
-            widths = [batch["input_ids"].shape[1] for batch in trainer.get_test_dataloader(dataset)]
-            assert widths == sorted(widths, reverse=True) and widths[0] == max(lengths)
+        trainer = predicting_trainer(model, tokenizer, tmp_path / str(sort), 3, {"do_sample": False, "max_length": 48 + 8},
+                                     sort_eval_by_length=sort, compute_metrics=build_trainer_metrics(tokenizer, True))
+        if sort:  # rows come longest prompt first
+            batches = trainer.get_test_dataloader(dataset)
+            assert torch.cat([batch[PROMPT_LENGTH_KEY] for batch in batches]).tolist() == sorted(lengths, reverse=True)
         outputs[sort] = trainer.predict(dataset)
     sorted_run, file_order = outputs[True], outputs[False]
     assert (sorted_run.predictions == file_order.predictions).all()
