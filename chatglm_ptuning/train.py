@@ -486,7 +486,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a results file that cannot be written (full disk, permissions)
         print(f"error: {err.filename}: {err.strerror}" if err.filename and err.strerror else f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Ends a launched run's process group before the interpreter exits: gloo's threads still alive at
+    exit can abort a finished rank ("terminate called without an active exception", exit code -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
