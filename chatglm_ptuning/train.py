@@ -478,8 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finished = False
     try:
         run(model_args, data_args, training_args, argv)
+        finished = True
     except (DataError, CheckpointError, MethodError, TrainingDiverged, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -487,15 +489,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.filename}: {err.strerror}" if err.filename and err.strerror else f"error: {err}", file=sys.stderr)
         return 1
     finally:
-        _end_process_group()
+        _end_process_group(wait_for_all=finished)
     return 0
 
 
-def _end_process_group() -> None:
-    """Ends a launched run's process group before the interpreter exits: gloo's threads still alive at
-    exit can abort a finished rank ("terminate called without an active exception", exit code -6)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def _end_process_group(wait_for_all: bool) -> None:
+    """Ends a launched run's process group before the interpreter exits. A rank that finished first and
+    tore down its gloo connections while another still used them was seen to abort ("terminate called
+    without an active exception", exit code -6), so a finished run first waits for every rank (not
+    after an error: the other ranks may never arrive)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait_for_all:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
